@@ -1,0 +1,358 @@
+"""PrefixSharingCache: a transformers ``Cache`` that stores each shared prompt segment once.
+
+Per layer it holds
+    seg_k / seg_v  [Hkv, T, D]     every shared segment of the batch, packed along T (stored once);
+    suf_k / suf_v  [R, Hkv, C, D]  each row's own suffix (left-aligned on a common column grid: row r's
+                                   valid columns are [suffix_start[r], cursor)), preallocated for the prompt
+                                   plus ``max_new_tokens`` when known, else grown by doubling.
+
+Hand-off to attention. transformers' attention functions never see the cache: a layer calls
+``cache.update(k, v, layer_idx)`` and passes what it returns to the attention function. ``update`` stores the
+new K/V and returns views of them carrying a ``_flashforge`` attribute: a :class:`HandOff` naming this cache,
+the layer, the forward pass and the plan. The "flashforge" attention function consumes it (checking that it is
+for this layer and this forward pass) and runs the segment-forest attention. A hand-off that was not consumed
+when the next layer (or forward) updates the cache means another attention implementation ran: that raises,
+as does using the cache with a model whose attention implementation is not "flashforge".
+
+Column grid. The cache reports ``get_seq_length()`` in the columns of the caller's left-padded batch, so that
+``generate`` feeds exactly the last prompt column: column c of the batch is suffix-buffer column c - base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .forest import forest_attention
+from .planner import ForestPlan, make_plan, plan_segments, plan_suffix_splits
+from .prefix_tree import Forest
+from .kernels.suffix_attention import SuffixTasks
+
+ATTN_IMPLEMENTATION = "flashforge"
+
+
+class PrefixSharingLayer(CacheLayerMixin):
+    """One layer's segment and suffix storage (see :class:`PrefixSharingCache`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seg_k = self.seg_v = self.suf_k = self.suf_v = None
+
+    def lazy_initialization(self, key_states, value_states):  # storage is sized by the cache, see _ensure_storage
+        raise NotImplementedError
+
+    def update(self, *args, **kwargs):  # the cache updates its layers itself
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return 0, 0
+
+    def get_seq_length(self) -> int:
+        raise NotImplementedError
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.seg_k, self.seg_v, self.suf_k, self.suf_v) if t is not None)
+
+    def reset(self):
+        raise NotImplementedError("PrefixSharingCache does not support reset(); build a new cache with prefill_shared.")
+
+    def offload(self):
+        raise NotImplementedError("PrefixSharingCache does not support offloading.")
+
+    def prefetch(self):
+        raise NotImplementedError("PrefixSharingCache does not support offloading.")
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError(
+            "PrefixSharingCache does not support crop() (used by assisted/speculative decoding and contrastive "
+            "search); use flashforge_hf.generate without an assistant model, or a DynamicCache."
+        )
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError(
+            "PrefixSharingCache does not support batch_repeat_interleave(); pass num_return_sequences/num_beams to "
+            "prefill_shared (or use flashforge_hf.generate), which shares the prompt among the copies."
+        )
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("PrefixSharingCache does not support batch selection (batch_select_indices).")
+
+    def reorder_cache(self, beam_idx):
+        raise AssertionError("reordered by PrefixSharingCache.reorder_cache")
+
+
+@dataclass
+class HandOff:
+    """What one layer's attention needs from the cache for one forward pass (see module docstring)."""
+
+    cache: "PrefixSharingCache"
+    layer_idx: int
+    forward_id: int
+    seg_k: torch.Tensor
+    seg_v: torch.Tensor
+    suf_k: torch.Tensor
+    suf_v: torch.Tensor
+    consumed: bool = False
+
+    def run(self, module, query: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        """Consume the hand-off and compute the layer's attention: returns [R, Q, Hq, D]."""
+        cache = self.cache
+        if self.consumed or self.forward_id != cache._forward_id:
+            raise RuntimeError(
+                f"Stale PrefixSharingCache hand-off for layer {self.layer_idx}: it belongs to an earlier forward pass."
+            )
+        if getattr(module, "layer_idx", self.layer_idx) != self.layer_idx:
+            raise RuntimeError(
+                f"PrefixSharingCache hand-off for layer {self.layer_idx} reached the attention of layer {module.layer_idx}."
+            )
+        if getattr(module, "config", cache.config) is not cache.config:
+            raise ValueError(
+                "This PrefixSharingCache was built for another model: build one per model with prefill_shared."
+            )
+        self.consumed = True
+        plan = cache._plan_for(query)
+        return forest_attention(query, self.seg_k, self.seg_v, self.suf_k, self.suf_v, plan, sm_scale)
+
+
+class PrefixSharingCache(Cache):
+    """KV cache of a batch whose prompts share prefixes; build it with :func:`flashforge_hf.prefill_shared`.
+
+    Rows map to a path of shared segments (``forest.paths``) plus their own suffix. Only the "flashforge"
+    attention implementation can read it. Crop, batch selection and offloading raise NotImplementedError;
+    beam-search reordering is supported (beams of one prompt share its segments).
+    """
+
+    def __init__(self, config, forest: Forest, *, device, max_new_tokens: int | None = None, base: int, suffix_len: int):
+        n_layers = config.num_hidden_layers
+        super().__init__(layers=[PrefixSharingLayer() for _ in range(n_layers)])
+        self.config = config
+        self.forest = forest
+        self.device = torch.device(device)
+        self.num_rows = forest.num_rows
+        # Packed segment offsets (segments are numbered level by level).
+        lens = [len(t) for t in forest.seg_tokens]
+        self.seg_len = lens
+        self.seg_start = [sum(lens[:s]) for s in range(len(lens))]
+        self.seg_total = sum(lens)
+        # Suffix column grid: batch column c <-> buffer column c - base; prompt suffixes (all but the last
+        # token) fill buffer columns [suffix_start[r], suffix_len).
+        self.base = base
+        self.suffix_len = suffix_len
+        pre = [len(t) - 1 for t in forest.suffix_tokens]
+        self.suffix_start_host = [suffix_len - n for n in pre]
+        self.suffix_start = torch.tensor(self.suffix_start_host, dtype=torch.int32, device=self.device)
+        self.capacity = suffix_len + 1 + (max_new_tokens if max_new_tokens is not None else 63)
+        self.cursor = 0  # buffer columns written by completed prefill/decode passes
+        self._stage = None  # set by prefill for its passes; None means "append to the suffixes"
+        self._forward_id = 0
+        self._expected_layer = 0
+        self._last_handoff: HandOff | None = None
+        self._plan: ForestPlan | None = None
+        self._plan_key = None
+        self._seg_plan_cache: dict = {}
+        self._workspace: dict = {}
+
+    # ---- what generate asks -------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.base + self.cursor
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # (0, 0) tells the "flashforge" mask function that no mask is needed: the forest and each row's
+        # suffix start define exactly which keys every query sees.
+        return 0, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_rows
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage held (segments once, plus the suffix buffers)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the suffix rows; beams of one prompt share the same segments."""
+        idx = beam_idx.to(self.device)
+        for layer in self.layers:
+            if layer.suf_k is not None:
+                layer.suf_k = layer.suf_k.index_select(0, idx)
+                layer.suf_v = layer.suf_v.index_select(0, idx)
+
+    def crop(self, max_length: int) -> None:
+        self.layers[0].crop(max_length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.layers[0].batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        self.layers[0].batch_select_indices(indices)
+
+    def reset(self) -> None:
+        self.layers[0].reset()
+
+    # ---- update / hand-off --------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store this layer's new K/V ([R, Hkv, Q, D]) and return views that carry the attention hand-off."""
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"PrefixSharingCache needs attn_implementation='{ATTN_IMPLEMENTATION}', but the model uses '{impl}': "
+                f"load it with from_pretrained(..., attn_implementation='{ATTN_IMPLEMENTATION}') after `import flashforge_hf`."
+            )
+        if self._last_handoff is not None and not self._last_handoff.consumed:
+            raise RuntimeError(
+                f"The attention of layer {self._last_handoff.layer_idx} did not read the PrefixSharingCache hand-off: "
+                f"another attention implementation ran on it."
+            )
+        if layer_idx == 0:
+            if self._expected_layer not in (0, len(self.layers)):
+                raise RuntimeError(f"Forward pass interrupted after layer {self._expected_layer - 1}.")
+            self._begin_forward(key_states)
+        elif layer_idx != self._expected_layer:
+            raise RuntimeError(f"PrefixSharingCache expected layer {self._expected_layer}, got layer {layer_idx}.")
+        self._expected_layer = layer_idx + 1
+        layer = self.layers[layer_idx]
+        self._check_shapes(layer, key_states, value_states)
+        if self._stage is not None and self._stage[0] == "segments":
+            _, seg_ids, src_index, dst_index = self._stage
+            self._ensure_storage(layer, key_states)
+            R, H, L, D = key_states.shape
+            flat_k = key_states.transpose(0, 1).reshape(H, R * L, D)
+            flat_v = value_states.transpose(0, 1).reshape(H, R * L, D)
+            layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
+            layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
+            suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
+        else:
+            self._ensure_storage(layer, key_states)
+            q = key_states.shape[2]
+            lo = self._write_lo
+            layer.suf_k[:, :, lo : lo + q] = key_states
+            layer.suf_v[:, :, lo : lo + q] = value_states
+            suf_k, suf_v = layer.suf_k, layer.suf_v
+        h = HandOff(self, layer_idx, self._forward_id, layer.seg_k, layer.seg_v, suf_k, suf_v)
+        self._last_handoff = h
+        k_out, v_out = key_states.view_as(key_states), value_states.view_as(value_states)
+        k_out._flashforge = h
+        v_out._flashforge = h
+        return k_out, v_out
+
+    def _check_shapes(self, layer, k, v):
+        if k.device != self.device:
+            raise ValueError(f"PrefixSharingCache lives on {self.device}, but layer K/V are on {k.device}.")
+        if layer.seg_k is not None:
+            ref = layer.seg_k
+            if k.shape[1] != ref.shape[0] or k.shape[3] != ref.shape[2] or k.dtype != ref.dtype:
+                raise ValueError(
+                    f"K/V of shape {tuple(k.shape)} ({k.dtype}) do not fit this PrefixSharingCache "
+                    f"(kv heads {ref.shape[0]}, head dim {ref.shape[2]}, {ref.dtype}): it was built for another model."
+                )
+
+    def _ensure_storage(self, layer: PrefixSharingLayer, k: torch.Tensor) -> None:
+        """Allocate (once) or grow (by doubling) the layer's storage."""
+        R, H, _, D = k.shape
+        if layer.seg_k is None:
+            layer.seg_k = torch.empty(H, self.seg_total, D, dtype=k.dtype, device=k.device)
+            layer.seg_v = torch.empty_like(layer.seg_k)
+            layer.suf_k = torch.empty(self.num_rows, H, self.capacity, D, dtype=k.dtype, device=k.device)
+            layer.suf_v = torch.empty_like(layer.suf_k)
+        need = self._write_hi
+        if need > layer.suf_k.shape[2]:
+            cap = max(need, 2 * layer.suf_k.shape[2])
+            for name in ("suf_k", "suf_v"):
+                old = getattr(layer, name)
+                new = torch.empty(old.shape[0], H, cap, D, dtype=old.dtype, device=old.device)
+                new[:, :, : self.cursor] = old[:, :, : self.cursor]
+                setattr(layer, name, new)
+
+    def _begin_forward(self, k: torch.Tensor) -> None:
+        """Layer 0 of a new forward pass: advance the cursor and invalidate the previous plan."""
+        self._forward_id += 1
+        self._plan = None
+        q = k.shape[2]
+        if self._stage is None:
+            if k.shape[0] != self.num_rows:
+                raise ValueError(
+                    f"This PrefixSharingCache holds {self.num_rows} rows but the model got a batch of {k.shape[0]}: "
+                    "pass the same num_return_sequences/num_beams to generate as to prefill_shared."
+                )
+            self._write_lo, self._write_hi = self.cursor, self.cursor + q
+            self.cursor += q
+        else:
+            self._write_lo = self._write_hi = self.cursor
+
+    def _plan_for(self, query: torch.Tensor) -> ForestPlan:
+        """The plan of the current forward pass, made at its first layer and reused by all the others."""
+        if self._plan is not None:
+            return self._plan
+        R, Hq, Q, D = query.shape
+        Hkv = self.layers[0].seg_k.shape[0]
+        if Hq % Hkv:
+            raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads.")
+        G = Hq // Hkv
+        itemsize = query.element_size()
+        if self._stage is not None and self._stage[0] == "segments":
+            seg_ids = self._stage[1]
+            paths = [list(self._ancestors(s)) for s in seg_ids]
+            n = [len(self.forest.seg_tokens[s]) for s in seg_ids]
+            L = max(n)
+            start = torch.tensor([L - x for x in n], dtype=torch.int32).to(self.device, non_blocking=True)
+            plan = make_plan(paths, self.seg_start, self.seg_len, start, L, Q, G, Hkv, D, itemsize, self.device)
+        else:
+            key = (Q, G, D, itemsize)
+            if key not in self._seg_plan_cache:
+                self._seg_plan_cache[key] = plan_segments(
+                    [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, Hkv, D, itemsize, self.device
+                )
+            seg_tasks, row_slot_off = self._seg_plan_cache[key]
+            split_len, n_splits = plan_suffix_splits(R, Hkv, self._write_hi, Q, self.device)
+            if ("row_slot_off", key) not in self._seg_plan_cache:
+                self._seg_plan_cache[("row_slot_off", key)] = torch.tensor(row_slot_off, dtype=torch.int32).to(self.device)
+            slot0 = row_slot_off[-1]
+            plan = ForestPlan(
+                segments=seg_tasks,
+                suffix=SuffixTasks(self.suffix_start, slot0, self._write_hi, split_len, n_splits),
+                row_slot_off=self._seg_plan_cache[("row_slot_off", key)],
+                n_slots=slot0 + n_splits * R,
+                q_len=Q,
+            )
+        plan.workspace = self._workspace
+        self._plan = plan
+        return plan
+
+    def _ancestors(self, s: int):
+        chain = []
+        p = self.forest.seg_parent[s]
+        while p >= 0:
+            chain.append(p)
+            p = self.forest.seg_parent[p]
+        return reversed(chain)
+
+    # ---- driven by prefill --------------------------------------------------------------------------------
+    def begin_segment_pass(self, seg_ids: list[int], width: int) -> None:
+        """Next forward pass prefills segments ``seg_ids`` (left-padded to ``width`` columns) into storage."""
+        src, dst = [], []
+        for i, s in enumerate(seg_ids):
+            n = self.seg_len[s]
+            src += range(i * width + width - n, (i + 1) * width)
+            dst += range(self.seg_start[s], self.seg_start[s] + n)
+        as_dev = lambda x: torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)  # noqa: E731
+        self._stage = ("segments", list(seg_ids), as_dev(src), as_dev(dst))
+
+    def end_pass(self) -> None:
+        if self._last_handoff is not None and not self._last_handoff.consumed:
+            raise RuntimeError("The last layer's attention did not read the PrefixSharingCache hand-off.")
+        self._stage = None

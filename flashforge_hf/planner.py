@@ -1,0 +1,209 @@
+"""Planner: turns a segment forest into the task tables that every layer of one forward pass reuses.
+
+Runs on the host from Python ints the cache already knows (segment lengths, each row's path of segments,
+each row's suffix start); it never reads device memory. Its output lives in device tensors (one small
+host-to-device copy per plan) and is reused by every layer.
+
+Cost model (the paper's workload balancing): a task that applies ``n`` keys to ``m`` stacked queries costs
+    max(bytes / bandwidth, flops / peak) + launch_overhead,   bytes = 2 * n * D * itemsize (K and V),
+                                                              flops = 4 * m * n * D,
+and each segment is split along its length into chunks so that the tasks of all segments together cover
+every SM ``waves`` times with near-equal cost; the chunk boundaries are multiples of the kernel's key tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels.segment_attention import SegmentTasks
+from .kernels.suffix_attention import SuffixTasks
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """What the cost model needs to know about the card."""
+
+    num_sms: int
+    bandwidth: float  # bytes/s
+    flops: float  # FLOP/s of tensor-core matmul in the model dtype
+    task_overhead: float = 2e-6  # s: fixed cost of one task (prologue, merge share)
+
+    @staticmethod
+    def for_device(device: torch.device) -> "DeviceModel":
+        if device.type != "cuda":
+            return _CPU_MODEL
+        props = torch.cuda.get_device_properties(device)
+        # Roofline numbers measured on an H100 (3.0 TB/s copy, ~740 TFLOP/s bf16); other cards scale by SM count.
+        return DeviceModel(num_sms=props.multi_processor_count, bandwidth=3.0e12 * props.multi_processor_count / 132,
+                           flops=7.4e14 * props.multi_processor_count / 132)
+
+
+_CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
+
+
+@dataclass
+class ForestPlan:
+    """Everything the attention of one forward pass needs beyond the layer's tensors.
+
+    segments:      SegmentTasks, or None when no row has a shared ancestor.
+    suffix:        SuffixTasks for the rows' own KV.
+    row_slot_off:  int32 [R + 1] device: each row's range of segment partial slots (merge input).
+    n_slots:       partial slots in all (segment chunks per row, then n_splits * R suffix slots).
+    q_len:         query tokens per row in this forward.
+    """
+
+    segments: SegmentTasks | None
+    suffix: SuffixTasks
+    row_slot_off: torch.Tensor
+    n_slots: int
+    q_len: int
+    workspace: dict = field(default_factory=dict)
+
+    def partial_buffers(self, num_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (o_part [P, Q, Hq, D], lse_part [P, Q, Hq]) carved from ``workspace``, which the owner
+        (the cache) keeps across layers and forward passes; it only grows, so decoding reallocates nothing."""
+        need = self.n_slots * self.q_len * num_heads
+        o, lse = self.workspace.get("o"), self.workspace.get("lse")
+        if lse is None or lse.numel() < need or o.numel() < need * head_dim or o.device != torch.device(device):
+            o = torch.empty(need * head_dim, dtype=torch.float32, device=device)
+            lse = torch.empty(need, dtype=torch.float32, device=device)
+            self.workspace.update(o=o, lse=lse)
+        return (
+            o[: need * head_dim].view(self.n_slots, self.q_len, num_heads, head_dim),
+            lse[:need].view(self.n_slots, self.q_len, num_heads),
+        )
+
+
+def _pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
+
+
+def plan_segments(
+    paths: list[list[int]],
+    seg_start: list[int],
+    seg_len: list[int],
+    q_len: int,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    device: torch.device,
+    waves: int = 2,
+) -> tuple[SegmentTasks | None, list[int]]:
+    """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints)."""
+    R = len(paths)
+    rows_of: dict[int, list[int]] = {}
+    for r, path in enumerate(paths):
+        for s in path:
+            rows_of.setdefault(s, []).append(r)
+    if not rows_of:
+        return None, [0] * (R + 1)
+    dev = DeviceModel.for_device(device)
+    on_gpu = device.type == "cuda"
+    block_n = 64 if on_gpu else 1 << 30
+    segs = sorted(rows_of)
+    m_of = {s: len(rows_of[s]) * q_len * group for s in segs}
+    if on_gpu:
+        block_m = 64 if max(m_of.values()) > 32 else _pow2_at_least(max(m_of.values()), 16)
+    else:
+        block_m = _pow2_at_least(max(m_of.values()), 1)
+
+    def cost(n: int, m: int) -> float:
+        byts = 2 * n * head_dim * itemsize
+        flops = 4 * _pow2_at_least(m, 16) * n * head_dim
+        return max(byts / dev.bandwidth, flops / dev.flops) + dev.task_overhead
+
+    # Chunks per segment: aim for `waves` tasks per SM in all (over the KV heads), each of equal cost.
+    target_tasks = max(1, waves * dev.num_sms // num_kv_heads)
+    tiles = {s: math.ceil(m_of[s] / block_m) for s in segs}
+    total = sum(tiles[s] * cost(seg_len[s], block_m) for s in segs)
+    per_task = total / target_tasks
+    chunks = {}
+    for s in segs:
+        if not on_gpu:
+            chunks[s] = 1
+            continue
+        seg_cost = cost(seg_len[s], block_m)
+        want = max(1, round(seg_cost / per_task)) if per_task > 0 else 1
+        max_chunks = math.ceil(seg_len[s] / block_n)
+        chunks[s] = min(want, max_chunks)
+
+    # Partial slots: per row, its path's segment chunks in path order.
+    row_slot_off = [0]
+    base_of: dict[tuple[int, int], int] = {}
+    for r, path in enumerate(paths):
+        nxt = row_slot_off[-1]
+        for s in path:
+            base_of[(s, r)] = nxt
+            nxt += chunks[s]
+        row_slot_off.append(nxt)
+
+    seg_rows, row_slot, tasks = [], [], []
+    for s in segs:
+        rows_lo = len(seg_rows)
+        seg_rows += rows_of[s]
+        row_slot += [base_of[(s, r)] for r in rows_of[s]]
+        n, c = seg_len[s], chunks[s]
+        step = math.ceil(math.ceil(n / c) / min(block_n, n)) * min(block_n, n)
+        for ci in range(c):
+            kv_lo, kv_hi = seg_start[s] + ci * step, seg_start[s] + min(n, (ci + 1) * step)
+            if kv_lo >= kv_hi:
+                continue
+            for m_lo in range(0, m_of[s], block_m):
+                tasks.append((kv_lo, kv_hi, rows_lo, m_lo, min(m_of[s], m_lo + block_m), ci))
+    # Longest tasks first, so that the tail of the grid is made of short ones.
+    tasks.sort(key=lambda t: -(t[1] - t[0]))
+    # Chunks that were dropped for being empty never happen (step * (c - 1) < n by construction).
+    host = tuple(tasks)
+    as_dev = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    seg_tasks = SegmentTasks(
+        tasks=as_dev(tasks).reshape(-1, 6),
+        seg_rows=as_dev(seg_rows),
+        row_slot=as_dev(row_slot),
+        block_m=block_m,
+        block_n=min(block_n, 64) if on_gpu else 64,
+        host=host,
+    )
+    return seg_tasks, row_slot_off
+
+
+def plan_suffix_splits(num_rows: int, num_kv_heads: int, end: int, q_len: int, device: torch.device) -> tuple[int, int]:
+    """(split_len, n_splits) for the suffix pass: split long suffixes so that small batches still fill the card."""
+    if device.type != "cuda" or end == 0:
+        return max(end, 1), 1
+    dev = DeviceModel.for_device(device)
+    q_tiles = math.ceil(q_len * 8 / 64)  # rough query tiles per (row, kv head)
+    programs = num_rows * num_kv_heads * q_tiles
+    want = max(1, (2 * dev.num_sms) // max(programs, 1))
+    split_len = max(256, math.ceil(end / want / 64) * 64)
+    return split_len, math.ceil(end / split_len)
+
+
+def make_plan(
+    paths: list[list[int]],
+    seg_start: list[int],
+    seg_len: list[int],
+    suffix_start: torch.Tensor,
+    suffix_end: int,
+    q_len: int,
+    group: int,
+    num_kv_heads: int,
+    head_dim: int,
+    itemsize: int,
+    device: torch.device,
+) -> ForestPlan:
+    """Plan one forward pass. ``suffix_start`` is int32 [R] on ``device``; everything else is host data."""
+    R = len(paths)
+    seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
+    split_len, n_splits = plan_suffix_splits(R, num_kv_heads, suffix_end, q_len, device)
+    slot0 = row_slot_off[-1]
+    return ForestPlan(
+        segments=seg_tasks,
+        suffix=SuffixTasks(start=suffix_start, slot0=slot0, end=suffix_end, split_len=split_len, n_splits=n_splits),
+        row_slot_off=torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True),
+        n_slots=slot0 + n_splits * R,
+        q_len=q_len,
+    )

@@ -275,7 +275,7 @@ class PrefixSharingCache(Cache):
             for name in ("suf_k", "suf_v"):
                 old = getattr(layer, name)
                 new = torch.empty(old.shape[0], H, cap, D, dtype=old.dtype, device=old.device)
-                new[:, :, : self.cursor] = old[:, :, : self.cursor]
+                new[:, :, : self._write_lo] = old[:, :, : self._write_lo]
                 setattr(layer, name, new)
 
     def _begin_forward(self, k: torch.Tensor) -> None:

@@ -114,7 +114,12 @@ def prefill_shared(
     (they grow by doubling past it). Runs of fewer than ``min_shared_tokens`` shared tokens are not worth a
     segment and are stored per row instead.
     """
-    mask = _check_inputs(model, input_ids, attention_mask)
+    return _prefill(model, input_ids, _check_inputs(model, input_ids, attention_mask), attention_mask,
+                    max_new_tokens=max_new_tokens, num_copies=num_copies, min_shared_tokens=min_shared_tokens)
+
+
+def _prefill(model, input_ids, mask, attention_mask, *, max_new_tokens, num_copies, min_shared_tokens):
+    """prefill_shared on validated inputs (``mask``: the checked 0/1 mask, ``attention_mask``: the caller's)."""
     if num_copies < 1:
         raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
     B, L = input_ids.shape
@@ -187,9 +192,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     num_beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
     nrs = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
     copies = num_beams if num_beams > 1 else nrs
-    cache, inputs = prefill_shared(
+    mask = _check_inputs(model, input_ids, attention_mask)
+    cache, inputs = _prefill(
         model,
         input_ids,
+        mask,
         attention_mask,
         max_new_tokens=_max_new_tokens(model, input_ids.shape[1], kwargs),
         num_copies=copies,

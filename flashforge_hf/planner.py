@@ -43,6 +43,8 @@ class DeviceModel:
 
 _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
+MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
+
 
 @dataclass
 class ForestPlan:
@@ -107,7 +109,7 @@ def plan_segments(
     segs = sorted(rows_of)
     m_of = {s: len(rows_of[s]) * q_len * group for s in segs}
     if on_gpu:
-        block_m = 64 if max(m_of.values()) > 32 else _pow2_at_least(max(m_of.values()), 16)
+        block_m = min(MAX_BLOCK_M if head_dim <= 128 else 64, _pow2_at_least(max(m_of.values()), 16))
     else:
         block_m = _pow2_at_least(max(m_of.values()), 1)
 

@@ -1,0 +1,103 @@
+"""Merge: combine every partial result of each query by log-sum-exp into the final attention output.
+
+Tensors (R rows, Q query tokens, Hq query heads, D head dim, P partial slots):
+    o_part        [P, Q, Hq, D]  float32: partial outputs, each normalised within its own key range.
+    lse_part      [P, Q, Hq]     float32: natural-log log-sum-exp of each partial; -inf when it saw no key.
+    row_slot_off  [R + 1]        int32, device: row r owns slots [row_slot_off[r], row_slot_off[r + 1])
+                                 (its shared-segment partials) and slots suffix_slot0 + j * R + r for
+                                 j < n_suffix (its suffix splits); suffix_slot0 and n_suffix are Python ints.
+    out           [R, Q, Hq, D]  model dtype, any strides (last dim contiguous): written in full.
+
+out = sum_j exp(lse_j - M) o_j / sum_j exp(lse_j - M) with M = max_j lse_j, in float32; a query whose
+partials are all -inf gets 0 (never NaN).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelLauncher, block_d, stride_unit
+
+
+def merge_partials_reference(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
+    """PyTorch reference of :func:`merge_partials` (same signature)."""
+    bounds = row_slot_off.tolist()
+    R = out.shape[0]
+    for r in range(R):
+        slots = list(range(bounds[r], bounds[r + 1])) + [suffix_slot0 + j * R + r for j in range(n_suffix)]
+        lse = lse_part[slots]  # [n, Q, Hq]
+        o = o_part[slots]
+        m = lse.max(dim=0).values
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(lse - m)  # exp(-inf) = 0 for empty partials
+        den = w.sum(dim=0)
+        num = (w[..., None] * o).sum(dim=0)
+        res = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
+        out[r] = res.to(out.dtype)
+
+
+@triton.jit
+def _merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
+    """Fold the partial at o_slot/lse_slot (its slot's base pointers) into the running
+    (acc [BLOCK_H, BLOCK_D], m_i [BLOCK_H] natural-log max, den [BLOCK_H])."""
+    lse = tl.load(lse_slot + lse_off, mask=mask_h, other=float("-inf"))
+    o = tl.load(o_slot + o_off, mask=mask_hd, other=0.0)
+    m_new = tl.maximum(m_i, lse)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    w = tl.exp(lse - m_use)
+    return acc * alpha[:, None] + w[:, None] * o, m_new, den * alpha + w
+
+
+@triton.jit(do_not_specialize=["R", "Q", "Hq", "slot0", "n_suffix", "s_op", "s_ot", "s_oh", "s_lp", "s_lt", "s_xr",
+                               "s_xt", "s_xh"])
+def _merge_kernel(
+    o_ptr, lse_ptr, off_ptr, out_ptr, R, Q, Hq, slot0, n_suffix,
+    s_op, s_ot, s_oh, s_lp, s_lt, s_xr, s_xt, s_xh,  # element strides // STRIDE_UNIT (x: out)
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+):
+    """Program (row r * Q + token t, head block): LSE-merge of the row's segment and suffix slots."""
+    r = tl.program_id(0) // Q
+    t = tl.program_id(0) % Q
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < Hq
+    mask_hd = mask_h[:, None] & (offs_d < D)[None, :]
+    o_op = s_op.to(tl.int64) * STRIDE_UNIT
+    l_op = s_lp.to(tl.int64) * STRIDE_UNIT
+    o_off = t * (s_ot * STRIDE_UNIT) + offs_h[:, None] * (s_oh * STRIDE_UNIT) + offs_d[None, :]
+    lse_off = t * (s_lt * STRIDE_UNIT) + offs_h
+
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
+        acc, m_i, den = _merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
+                                    acc, m_i, den)
+    for j in range(0, n_suffix):
+        p = slot0 + j * R + r
+        acc, m_i, den = _merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
+                                    acc, m_i, den)
+    res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+    x_off = r.to(tl.int64) * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + offs_h[:, None] * (s_xh * STRIDE_UNIT)
+    tl.store(out_ptr + x_off + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=mask_hd)
+
+
+_launch_merge = KernelLauncher(_merge_kernel)
+
+
+def merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
+    """LSE-merge of every row's partials into ``out`` (one launch, grid (R * Q, head blocks)); see the module
+    docstring. No host synchronisation."""
+    R, Q, Hq, D = out.shape
+    bd = block_d(D)
+    bh = min(triton.next_power_of_2(Hq), max(1, 4096 // bd))
+    strides = (*o_part.stride()[:3], *lse_part.stride()[:2], *out.stride()[:3])
+    unit = stride_unit(*strides)
+    _launch_merge(
+        (R * Q, triton.cdiv(Hq, bh), 1),
+        (o_part, lse_part, row_slot_off, out),
+        (R, Q, Hq, suffix_slot0, n_suffix, *[s // unit for s in strides]),
+        dict(D=D, BLOCK_H=bh, BLOCK_D=bd, STRIDE_UNIT=unit),
+        num_warps=4,
+    )

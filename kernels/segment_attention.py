@@ -1,0 +1,153 @@
+"""Segment attention: the paper's partial attention over shared KV segments.
+
+One task reads one chunk of one shared segment's K/V (for one KV head) once and applies it to a tile of
+queries stacked from every row under that segment (rows x query tokens x the GQA group's query heads), so
+the K/V bytes are loaded once per tile instead of once per row.
+
+Tensors (R query rows, Q query tokens per row, Hq = Hkv * G query heads, D head dim, T packed segment tokens):
+    q          [R, Hq, Q, D]  model dtype, any strides (last dim contiguous): the layer's queries.
+    seg_k/v    [Hkv, T, D]    model dtype, contiguous: every shared segment of this layer, packed along T.
+    o_part     [P, Q, Hq, D]  float32: partial outputs, normalised within their chunk (P partial slots).
+    lse_part   [P, Q, Hq]     float32: their log-sum-exp of scaled scores, natural log; -inf for no keys.
+
+Stacked query index inside one segment: m = (row_local * Q + t) * G + g, where row_local indexes the
+segment's rows in ``seg_rows`` and g the query head inside the KV head's group (query head = h * G + g).
+The partial slot of (segment, row_local, chunk c) is ``row_slot[rows_lo + row_local] + c``.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import LOG2E, KernelLauncher, block_d, dot_precision, finish_softmax, online_softmax_step, stride_unit
+
+
+class SegmentTasks(NamedTuple):
+    """Work list of one forward pass, made by the planner once and reused by every layer.
+
+    tasks:    int32 [n_tasks, 6], device: (kv_lo, kv_hi, rows_lo, m_lo, m_hi, chunk) per task; keys are
+              packed tokens [kv_lo, kv_hi), queries are stacked indices [m_lo, m_hi) of the segment whose
+              rows start at ``rows_lo`` in ``seg_rows``.
+    seg_rows: int32 [n_pairs], device: query-row ids, grouped by segment.
+    row_slot: int32 [n_pairs], device: first partial slot of each (segment, row) pair.
+    block_m:  queries per tile (power of two, >= every task's m_hi - m_lo).
+    block_n:  keys per inner tile (power of two).
+    host:     the same task table as Python tuples, for the CPU reference (no device sync needed).
+    """
+
+    tasks: torch.Tensor
+    seg_rows: torch.Tensor
+    row_slot: torch.Tensor
+    block_m: int
+    block_n: int
+    host: tuple
+
+
+def segment_attention_reference(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part, sm_scale: float) -> None:
+    """PyTorch reference of :func:`segment_attention` (same signature); accumulates in float32 or wider."""
+    R, Hq, Q, D = q.shape
+    Hkv = seg_k.shape[0]
+    G = Hq // Hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    seg_rows = plan.seg_rows.long()
+    row_slot = plan.row_slot.long()
+    heads = torch.arange(Hkv, device=q.device)
+    for kv_lo, kv_hi, rows_lo, m_lo, m_hi, chunk in plan.host:
+        m = torch.arange(m_lo, m_hi, device=q.device)
+        row_local, t, g = m // (Q * G), (m // G) % Q, m % G
+        row = seg_rows[rows_lo + row_local]
+        hq = heads[:, None] * G + g[None, :]  # [Hkv, M]
+        qm = q[row[None, :], hq, t[None, :]].to(acc)  # [Hkv, M, D]
+        k = seg_k[:, kv_lo:kv_hi].to(acc)
+        v = seg_v[:, kv_lo:kv_hi].to(acc)
+        s = torch.einsum("hmd,hnd->hmn", qm, k) * sm_scale
+        lse = torch.logsumexp(s, dim=-1)  # [Hkv, M]
+        o = torch.einsum("hmn,hnd->hmd", torch.exp(s - lse[..., None]), v)
+        slot = row_slot[rows_lo + row_local] + chunk
+        o_part[slot[None, :], t[None, :], hq] = o.to(o_part.dtype)
+        lse_part[slot[None, :], t[None, :], hq] = lse.to(lse_part.dtype)
+
+
+@triton.jit(do_not_specialize=["Q", "s_qr", "s_qh", "s_qt", "s_kh", "s_kn", "s_vh", "s_vn", "s_op", "s_ot", "s_oh",
+                               "s_lp", "s_lt"])
+def _segment_attention_kernel(
+    q_ptr, k_ptr, v_ptr, tasks_ptr, seg_rows_ptr, row_slot_ptr, o_ptr, lse_ptr,
+    qk_scale,  # sm_scale * log2(e)
+    Q,  # query tokens per row
+    s_qr, s_qh, s_qt, s_kh, s_kn, s_vh, s_vn,  # element strides // STRIDE_UNIT
+    s_op, s_ot, s_oh, s_lp, s_lt,
+    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Program (task, kv head h): keys [kv_lo, kv_hi) of seg_k/v[h] against stacked queries [m_lo, m_hi)."""
+    task = tasks_ptr + tl.program_id(0) * 6
+    h = tl.program_id(1)
+    kv_lo = tl.load(task)
+    kv_hi = tl.load(task + 1)
+    rows_lo = tl.load(task + 2)
+    m_lo = tl.load(task + 3)
+    m_hi = tl.load(task + 4)
+    chunk = tl.load(task + 5)
+
+    offs_m = m_lo + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < m_hi
+    row_local = offs_m // (Q * G)
+    t = (offs_m // G) % Q
+    hq = h * G + offs_m % G
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+
+    row = tl.load(seg_rows_ptr + rows_lo + row_local, mask=mask_m, other=0)
+    q_off = row.to(tl.int64) * (s_qr * STRIDE_UNIT) + hq * (s_qh * STRIDE_UNIT) + t * (s_qt * STRIDE_UNIT)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    k_base = k_ptr + h.to(tl.int64) * (s_kh * STRIDE_UNIT)
+    v_base = v_ptr + h.to(tl.int64) * (s_vh * STRIDE_UNIT)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for n0 in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_hi
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * (s_kn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * (s_vn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+    o, lse = finish_softmax(acc, m_i, l_i)
+
+    slot = (tl.load(row_slot_ptr + rows_lo + row_local, mask=mask_m, other=0) + chunk).to(tl.int64)
+    o_off = slot * (s_op * STRIDE_UNIT) + t * (s_ot * STRIDE_UNIT) + hq * (s_oh * STRIDE_UNIT)
+    tl.store(o_ptr + o_off[:, None] + offs_d[None, :], o, mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + slot * (s_lp * STRIDE_UNIT) + t * (s_lt * STRIDE_UNIT) + hq, lse, mask=mask_m)
+
+
+_launch_segment = KernelLauncher(_segment_attention_kernel)
+
+
+def segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part, sm_scale: float) -> None:
+    """Partial attention of every task in ``plan`` (one launch, grid (n_tasks, Hkv)); see the module docstring.
+
+    Writes o_part/lse_part at the slots the plan assigns; no host synchronisation.
+    """
+    R, Hq, Q, D = q.shape
+    Hkv = seg_k.shape[0]
+    n_tasks = len(plan.host)
+    if n_tasks == 0:
+        return
+    strides = (*q.stride()[:3], seg_k.stride(0), seg_k.stride(1), seg_v.stride(0), seg_v.stride(1),
+               *o_part.stride()[:3], *lse_part.stride()[:2])
+    unit = stride_unit(*strides)
+    bd = block_d(D)
+    bm = max(16, plan.block_m)
+    bn = plan.block_n if bd <= 128 else min(plan.block_n, 32)
+    _launch_segment(
+        (n_tasks, Hkv, 1),
+        (q, seg_k, seg_v, plan.tasks, plan.seg_rows, plan.row_slot, o_part, lse_part),
+        (sm_scale * LOG2E, Q, *[s // unit for s in strides]),
+        dict(G=Hq // Hkv, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, STRIDE_UNIT=unit, DOT_PREC=dot_precision(q.dtype)),
+        num_warps=8 if bm * bd >= 128 * 128 else 4, num_stages=2 if bd >= 256 else 3,
+    )

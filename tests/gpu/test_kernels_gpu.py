@@ -1,0 +1,101 @@
+"""Kernel tests on a CUDA device (run with TRITON_INTERPRET=0; skipped without CUDA).
+
+Same float64 ground truth and 2x-PyTorch-error rule as tests/test_kernels.py, with the CUDA planner's own
+chunking and splitting, in bf16 and fp16; plus a rerun-until-identical race check and a compile-count check
+over 2,000 simulated decode steps.
+"""
+
+import os
+
+import pytest
+import torch
+
+from flashforge_hf.forest import forest_attention
+from flashforge_hf.kernels import _common, merge, segment_attention, suffix_attention
+from flashforge_hf.planner import make_plan
+from test_kernels import check_forest, make_forest, planner_plan, run_partials
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="run with TRITON_INTERPRET=0"),
+]
+
+CASES = {
+    "gqa4_d128_decode": dict(R=16, Hkv=2, G=4, D=128, Q=1, levels=3, seg_lens=[1500, 300, 17],
+                             suffix_lens=[0, 1, 65, 300] * 4),
+    "gqa3_d80_decode": dict(R=9, Hkv=3, G=3, D=80, Q=1, levels=2, seg_lens=[700, 15, 16, 1],
+                            suffix_lens=list(range(1, 10))),
+    "mha_d64_4levels": dict(R=6, Hkv=4, G=1, D=64, Q=1, levels=4, seg_lens=[64, 1, 129, 33, 16],
+                            suffix_lens=[5, 0, 7, 300, 2, 1]),
+    "mqa16_d256_prefill": dict(R=3, Hkv=1, G=16, D=256, Q=37, levels=2, seg_lens=[257, 31],
+                               suffix_lens=[80, 37, 20], roots=2),
+    "gqa8_d96_prefill": dict(R=4, Hkv=2, G=8, D=96, Q=200, levels=1, seg_lens=[1000],
+                             suffix_lens=[200, 260, 150, 1]),
+    "long_segment": dict(R=32, Hkv=8, G=4, D=128, Q=1, levels=2, seg_lens=[4097, 100], suffix_lens=[3, 2000] * 16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_vs_float64(name, dtype):
+    f = make_forest(len(name), dtype=dtype, device="cuda", **CASES[name])
+    check_forest(f, planner_plan(f, "cuda"), dtype)
+
+
+def test_rerun_identical():
+    """20 runs on the same inputs give bitwise identical partials and outputs (no race between programs)."""
+    f = make_forest(5, dtype=torch.bfloat16, device="cuda", **CASES["long_segment"])
+    plan = planner_plan(f, "cuda")
+    seg, suf, row_slot_off, _ = plan
+    R, Hq, Q, D, _ = f.dims
+    first = None
+    for _ in range(20):
+        o_part, lse_part = run_partials(f, plan, kernels=True)
+        out = torch.full((R, Q, Hq, D), float("nan"), dtype=f.q.dtype, device="cuda")
+        merge.merge_partials(o_part, lse_part, row_slot_off, suf.slot0, suf.n_splits, out)
+        now = [x.clone() for x in (o_part, lse_part, out)]
+        if first is None:
+            first = now
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(first, now))
+
+
+def _variants():
+    """Compiled variants of the three kernels, over every device."""
+    fns = (segment_attention._segment_attention_kernel, suffix_attention._suffix_attention_kernel,
+           merge._merge_kernel)
+    return [sum(len(c[0]) for c in fn.device_caches.values()) for fn in fns]
+
+
+@pytest.mark.parametrize("fast_launch", [False, True], ids=["triton_launch", "cached_launch"])
+def test_no_recompile_over_2000_decode_steps(fast_launch, monkeypatch):
+    """Decode 2,000 steps: suffix end grows by one, the planner re-splits; no new variant after the first step
+    (counted with Triton's own launch path), and the cached launch path stays right throughout."""
+    monkeypatch.setattr(_common, "FAST_LAUNCH", fast_launch)
+    R, Hkv, G, D, dtype, prefix = 8, 2, 4, 128, torch.bfloat16, 3000
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    seg_k, seg_v = (torch.randn(Hkv, prefix, D, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    C = 2100
+    suf_k, suf_v = (torch.randn(R, Hkv, C, D, generator=gen, device="cuda", dtype=dtype) for _ in range(2))
+    start = torch.tensor([0, 3, 7, 0, 40, 1, 0, 2], dtype=torch.int32, device="cuda")
+    paths = [[0]] * R
+    seen_splits, counts = set(), None
+    for step in range(2000):
+        end = 50 + step
+        q = torch.randn(R, 1, G * Hkv, D, generator=gen, device="cuda", dtype=dtype).transpose(1, 2)
+        plan = make_plan(paths, [0], [prefix], start, end, 1, G, Hkv, D, 2, torch.device("cuda"))
+        seen_splits.add(plan.suffix.n_splits)
+        out = forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan, D ** -0.5)
+        if step == 0:
+            counts = _variants()
+        if step % 400 == 399:
+            o_part, lse_part = (x.clone() for x in plan.partial_buffers(G * Hkv, D, "cuda"))
+            segment_attention.segment_attention_reference(q, seg_k, seg_v, plan.segments, o_part, lse_part, D ** -0.5)
+            suffix_attention.suffix_attention_reference(q, suf_k, suf_v, plan.suffix, o_part, lse_part, D ** -0.5)
+            ref = torch.empty(R, 1, G * Hkv, D, dtype=torch.float32, device="cuda")
+            merge.merge_partials_reference(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0,
+                                           plan.suffix.n_splits, ref)
+            assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2, f"wrong output at step {step}"
+    torch.cuda.synchronize()
+    assert len(seen_splits) > 1, "the planner never changed the number of splits; the test proves less"
+    assert _variants() == counts, f"new kernel variants compiled during decoding: {counts} -> {_variants()}"

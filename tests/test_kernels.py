@@ -1,0 +1,301 @@
+"""Kernel tests under the Triton CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+
+Every launcher and every PyTorch reference is checked against a float64 ground truth computed independently:
+dense attention of each row over its materialised KV (its path's segments, then its suffix columns, causal for
+the new tokens). The tolerance is set by precision: our relative error may be at most twice that of PyTorch
+doing the same dense computation in the input dtype, plus a tiny epsilon. Outputs start as NaN, so an
+unwritten element fails. The interpreter's bfloat16 dot is broken (triton 3.9), so bf16 runs only on the GPU.
+"""
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from flashforge_hf.kernels.merge import merge_partials, merge_partials_reference
+from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attention, segment_attention_reference
+from flashforge_hf.kernels.suffix_attention import SuffixTasks, suffix_attention, suffix_attention_reference
+from flashforge_hf.planner import make_plan
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py)")
+
+EPS = {torch.float32: 2e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}  # added to 2x the PyTorch baseline error
+GARBAGE = 30.0  # scale of the values put where no kernel may read (gaps between segments, invalid columns)
+
+
+@dataclass
+class Forest:
+    """One layer's inputs: packed segments, suffix buffers, queries, and the forest's shape as host data."""
+
+    q: torch.Tensor  # [R, Hq, Q, D] (a transposed view of [R, Q, Hq, D], as transformers makes it)
+    seg_k: torch.Tensor  # [Hkv, T, D]
+    seg_v: torch.Tensor
+    suf_k: torch.Tensor  # [R, Hkv, C, D]
+    suf_v: torch.Tensor
+    paths: list  # row -> segment ids, root first
+    seg_start: list
+    seg_len: list
+    start: list  # row -> first valid suffix column
+    end: int
+
+    @property
+    def dims(self):
+        R, Hq, Q, D = self.q.shape
+        return R, Hq, Q, D, self.seg_k.shape[0]
+
+
+def make_forest(seed, *, R, Hkv, G, D, Q, levels, seg_lens, suffix_lens, dtype, device="cpu", roots=1,
+                no_segment_rows=(), suffix_heads_inner=False):
+    """Random forest: ``levels`` nested partitions of the rows (``roots`` groups at the first level), one segment
+    per group and level (lengths taken from ``seg_lens`` in turn), gaps of garbage between packed segments;
+    row r's suffix holds ``suffix_lens[r]`` valid columns ending at ``end`` (garbage before and after)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cuts = set(rng.sample(range(1, R), min(roots, R) - 1)) if R > 1 else set()
+    paths = [[] for _ in range(R)]
+    seg_start, seg_len, pos = [], [], 2
+    for level in range(levels):
+        if level and len(cuts) < R - 1:
+            cuts.add(rng.choice([c for c in range(1, R) if c not in cuts]))
+        bounds = [0, *sorted(cuts), R]
+        for lo, hi in zip(bounds, bounds[1:]):
+            rows = [r for r in range(lo, hi) if r not in no_segment_rows]
+            if not rows:
+                continue
+            n = seg_lens[len(seg_len) % len(seg_lens)]
+            for r in rows:
+                paths[r].append(len(seg_len))
+            seg_start.append(pos)
+            seg_len.append(n)
+            pos += n + 3
+    T = pos + 1
+    Hq = Hkv * G
+    end = max(max(suffix_lens), Q)
+    C = end + 5
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    seg_k, seg_v = randn(Hkv, T, D) * GARBAGE, randn(Hkv, T, D) * GARBAGE
+    for s0, n in zip(seg_start, seg_len):
+        seg_k[:, s0:s0 + n] = randn(Hkv, n, D)
+        seg_v[:, s0:s0 + n] = randn(Hkv, n, D)
+    start = [end - n for n in suffix_lens]
+    suf = [randn(R, C, Hkv, D) * GARBAGE for _ in range(2)]
+    for buf in suf:
+        for r in range(R):
+            buf[r, start[r]:end] = randn(end - start[r], Hkv, D)
+    if suffix_heads_inner:  # [R, C, Hkv, D] storage viewed as [R, Hkv, C, D]
+        suf_k, suf_v = (b.to(dtype).to(device).transpose(1, 2) for b in suf)
+    else:
+        suf_k, suf_v = (b.transpose(1, 2).contiguous().to(dtype).to(device) for b in suf)
+    q = randn(R, Q, Hq, D).to(dtype).to(device).transpose(1, 2)
+    return Forest(q, seg_k.to(dtype).to(device), seg_v.to(dtype).to(device), suf_k, suf_v, paths, seg_start,
+                  seg_len, start, end)
+
+
+def dense_attention(f: Forest, sm_scale, dtype):
+    """(out [R, Q, Hq, D], lse [R, Q, Hq]) of each row over its materialised KV, computed in ``dtype``.
+
+    float64 gives the ground truth; the input dtype gives PyTorch's own error for the tolerance."""
+    R, Hq, Q, D, Hkv = f.dims
+    G = Hq // Hkv
+    out = torch.zeros(R, Q, Hq, D, dtype=torch.float64)
+    lse = torch.full((R, Q, Hq), float("-inf"), dtype=torch.float64)
+    for r in range(R):
+        ks = [f.seg_k[:, f.seg_start[s]:f.seg_start[s] + f.seg_len[s]] for s in f.paths[r]]
+        vs = [f.seg_v[:, f.seg_start[s]:f.seg_start[s] + f.seg_len[s]] for s in f.paths[r]]
+        k = torch.cat([*ks, f.suf_k[r, :, f.start[r]:f.end]], dim=1).cpu().to(dtype)
+        v = torch.cat([*vs, f.suf_v[r, :, f.start[r]:f.end]], dim=1).cpu().to(dtype)
+        n_seg = k.shape[1] - (f.end - f.start[r])
+        col = torch.cat([torch.full((n_seg,), -1), torch.arange(f.start[r], f.end)])  # segment keys: always visible
+        visible = col[None, :] <= (f.end - Q + torch.arange(Q))[:, None]  # [Q, N]
+        k = k.repeat_interleave(G, dim=0)  # [Hq, N, D]
+        v = v.repeat_interleave(G, dim=0)
+        s = (f.q[r].cpu().to(dtype) @ k.transpose(1, 2)) * sm_scale  # [Hq, Q, N]
+        s = s.masked_fill(~visible, float("-inf"))
+        out[r] = (torch.softmax(s, dim=-1).nan_to_num(0.0) @ v).transpose(0, 1).double()
+        lse[r] = torch.logsumexp(s.double(), dim=-1).transpose(0, 1)
+    return out, lse
+
+
+def rel_err(x, ref):
+    assert not torch.isnan(x).any(), "NaN in output (unwritten or invalid)"
+    return ((x.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def planner_plan(f: Forest, device="cpu"):
+    """(segment tasks, suffix tasks, row_slot_off, n_slots) made by flashforge_hf.planner.make_plan."""
+    R, Hq, Q, D, Hkv = f.dims
+    start = torch.tensor(f.start, dtype=torch.int32, device=device)
+    plan = make_plan(f.paths, f.seg_start, f.seg_len, start, f.end, Q, Hq // Hkv, Hkv, D, f.q.element_size(),
+                     torch.device(device))
+    return plan.segments, plan.suffix, plan.row_slot_off, plan.n_slots
+
+
+def manual_plan(f: Forest, chunk_len, block_m, split_len, seed=0, device="cpu"):
+    """Tables built by hand (the CPU planner neither chunks nor splits): every segment cut into chunks of
+    ``chunk_len`` keys, stacked queries tiled by ``block_m``, the suffix split every ``split_len`` columns;
+    tasks in random order."""
+    R, Hq, Q, D, Hkv = f.dims
+    G = Hq // Hkv
+    rows_of = {}
+    for r, path in enumerate(f.paths):
+        for s in path:
+            rows_of.setdefault(s, []).append(r)
+    n_chunks = {s: math.ceil(f.seg_len[s] / chunk_len) for s in rows_of}
+    row_slot_off, base = [0], {}
+    for r, path in enumerate(f.paths):
+        for s in path:
+            base[s, r] = row_slot_off[-1] + sum(n_chunks[p] for p in path[:path.index(s)])
+        row_slot_off.append(row_slot_off[-1] + sum(n_chunks[s] for s in path))
+    seg_rows, row_slot, tasks = [], [], []
+    for s, rows in rows_of.items():
+        rows_lo, m = len(seg_rows), len(rows) * Q * G
+        seg_rows += rows
+        row_slot += [base[s, r] for r in rows]
+        for c in range(n_chunks[s]):
+            kv_lo = f.seg_start[s] + c * chunk_len
+            kv_hi = min(kv_lo + chunk_len, f.seg_start[s] + f.seg_len[s])
+            tasks += [(kv_lo, kv_hi, rows_lo, m0, min(m, m0 + block_m), c) for m0 in range(0, m, block_m)]
+    random.Random(seed).shuffle(tasks)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    seg = SegmentTasks(i32(tasks).reshape(-1, 6), i32(seg_rows), i32(row_slot), block_m, 16, tuple(tasks)) \
+        if tasks else None
+    slot0 = row_slot_off[-1]
+    n_splits = math.ceil(f.end / split_len)
+    suf = SuffixTasks(i32(f.start), slot0, f.end, split_len, n_splits)
+    return seg, suf, i32(row_slot_off), slot0 + n_splits * R
+
+
+def run_partials(f: Forest, plan, kernels: bool, dtype=None):
+    """(o_part, lse_part) from the launchers (or the references, on inputs cast to ``dtype``); NaN-prefilled."""
+    seg, suf, _, n_slots = plan
+    R, Hq, Q, D, Hkv = f.dims
+    cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))  # noqa: E731
+    q, seg_k, seg_v, suf_k, suf_v = (cast(x) for x in (f.q, f.seg_k, f.seg_v, f.suf_k, f.suf_v))
+    o_part = torch.full((n_slots, Q, Hq, D), float("nan"), dtype=torch.float32, device=q.device)
+    lse_part = torch.full((n_slots, Q, Hq), float("nan"), dtype=torch.float32, device=q.device)
+    if dtype == torch.float64:
+        o_part, lse_part = o_part.double(), lse_part.double()
+    sm_scale = D ** -0.5
+    if seg is not None:
+        (segment_attention if kernels else segment_attention_reference)(q, seg_k, seg_v, seg, o_part, lse_part,
+                                                                         sm_scale)
+    (suffix_attention if kernels else suffix_attention_reference)(q, suf_k, suf_v, suf, o_part, lse_part, sm_scale)
+    return o_part, lse_part
+
+
+def merged_lse(lse_part, row_slot_off, suf: SuffixTasks, R):
+    """[R, Q, Hq] float64 log-sum-exp over each row's partial slots."""
+    bounds = row_slot_off.tolist()
+    return torch.stack([
+        torch.logsumexp(lse_part[list(range(bounds[r], bounds[r + 1]))
+                                 + [suf.slot0 + j * R + r for j in range(suf.n_splits)]].double().cpu(), dim=0)
+        for r in range(R)])
+
+
+def check_forest(f: Forest, plan, dtype):
+    """Kernels and references vs the float64 truth, under the 2x-PyTorch-error rule."""
+    R, Hq, Q, D, Hkv = f.dims
+    sm_scale = D ** -0.5
+    truth, truth_lse = dense_attention(f, sm_scale, torch.float64)
+    base, base_lse = dense_attention(f, sm_scale, dtype)
+    limit = 2 * rel_err(base, truth) + EPS[dtype]
+    finite = torch.isfinite(truth_lse)
+    lse_limit = 2 * (base_lse - truth_lse)[finite].abs().max().item() + 1e3 * EPS[dtype]
+    seg, suf, row_slot_off, n_slots = plan
+
+    # Launchers: partials (every slot written, empty ones exactly (0, -inf)), their LSE, then both merges.
+    o_part, lse_part = run_partials(f, plan, kernels=True)
+    assert not torch.isnan(o_part).any() and not torch.isnan(lse_part).any(), "a partial slot was not written"
+    assert (o_part[torch.isneginf(lse_part)] == 0).all(), "an empty partial has o != 0"
+    lse = merged_lse(lse_part, row_slot_off, suf, R)
+    assert torch.equal(torch.isfinite(lse), finite), "queries with / without keys differ from the truth"
+    assert (lse - truth_lse)[finite].abs().max().item() <= lse_limit
+    dev = f.q.device
+    out64 = torch.empty(R, Q, Hq, D, dtype=torch.float64, device=dev)
+    merge_partials_reference(o_part.double(), lse_part.double(), row_slot_off, suf.slot0, suf.n_splits, out64)
+    assert rel_err(out64, truth) <= limit, "segment/suffix kernels vs truth"
+    out = torch.full((R, Hq, Q, D), float("nan"), dtype=dtype, device=dev).transpose(1, 2)  # non-contiguous
+    merge_partials(o_part, lse_part, row_slot_off, suf.slot0, suf.n_splits, out)
+    err = rel_err(out, truth)
+    assert err <= limit, f"kernel pipeline error {err:.3g} > {limit:.3g}"
+
+    # References: exact in float64, and within the same rule in the input dtype.
+    for ref_dtype, ref_limit in ((torch.float64, 1e-12), (dtype, limit)):
+        o_ref, lse_ref = run_partials(f, plan, kernels=False, dtype=ref_dtype)
+        out_ref = torch.full((R, Q, Hq, D), float("nan"), dtype=ref_dtype, device=dev)
+        merge_partials_reference(o_ref, lse_ref, row_slot_off, suf.slot0, suf.n_splits, out_ref)
+        assert rel_err(out_ref, truth) <= ref_limit, f"references in {ref_dtype}"
+    return err, limit
+
+
+FORESTS = {  # name: make_forest arguments (dtype aside)
+    "mha_d64_1level": dict(R=3, Hkv=2, G=1, D=64, Q=1, levels=1, seg_lens=[15], suffix_lens=[0, 3, 7]),
+    "gqa3_d80_2levels": dict(R=4, Hkv=3, G=3, D=80, Q=1, levels=2, seg_lens=[16, 1, 17], suffix_lens=[2, 2, 5, 1]),
+    "gqa4_d96_3levels_prefill": dict(R=5, Hkv=2, G=4, D=96, Q=3, levels=3, seg_lens=[17, 15, 16, 1],
+                                     suffix_lens=[3, 1, 6, 0, 4], roots=2),
+    "mqa8_d128_4levels": dict(R=6, Hkv=1, G=8, D=128, Q=1, levels=4, seg_lens=[1, 16, 15, 17, 2],
+                              suffix_lens=[4, 9, 1, 2, 3, 5], suffix_heads_inner=True),
+    "gqa16_d256": dict(R=2, Hkv=1, G=16, D=256, Q=1, levels=2, seg_lens=[17, 15], suffix_lens=[5, 1]),
+    "rows_without_segments": dict(R=4, Hkv=2, G=3, D=64, Q=2, levels=2, seg_lens=[16, 5], suffix_lens=[4, 0, 1, 2],
+                                  no_segment_rows=(1, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("name", list(FORESTS))
+def test_planner_plans(name, dtype):
+    f = make_forest(sum(map(ord, name)), dtype=dtype, **FORESTS[name])
+    check_forest(f, planner_plan(f), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("name,chunk_len,block_m,split_len", [
+    ("gqa3_d80_2levels", 5, 16, 2),
+    ("gqa4_d96_3levels_prefill", 4, 16, 3),
+    ("mqa8_d128_4levels", 16, 32, 4),
+    ("rows_without_segments", 3, 16, 1),
+])
+def test_chunks_and_splits(name, chunk_len, block_m, split_len, dtype):
+    f = make_forest(7 + chunk_len, dtype=dtype, **FORESTS[name])
+    check_forest(f, manual_plan(f, chunk_len, block_m, split_len, seed=chunk_len), dtype)
+
+
+def test_long_segment():
+    f = make_forest(3, R=2, Hkv=1, G=4, D=64, Q=1, levels=2, seg_lens=[4097, 16], suffix_lens=[3, 130],
+                    dtype=torch.float16)
+    check_forest(f, planner_plan(f), torch.float16)
+    check_forest(f, manual_plan(f, chunk_len=1500, block_m=16, split_len=64), torch.float16)
+
+
+def test_suffix_prefill_query_tiles():
+    """Q * G = 160 stacked queries: two query tiles per row, causal among 40 new tokens, left padding."""
+    f = make_forest(11, R=2, Hkv=1, G=4, D=64, Q=40, levels=1, seg_lens=[20], suffix_lens=[50, 25],
+                    dtype=torch.float32)
+    check_forest(f, planner_plan(f), torch.float32)
+    check_forest(f, manual_plan(f, chunk_len=8, block_m=64, split_len=16), torch.float32)
+
+
+@pytest.mark.parametrize("D", [64, 80, 256])
+def test_merge_kernel(D):
+    """Random partials with empty slots and queries with no partial at all, non-contiguous output."""
+    gen = torch.Generator().manual_seed(D)
+    R, Q, Hq, n_suffix = 3, 2, 5, 2
+    row_slot_off = torch.tensor([0, 3, 3, 4], dtype=torch.int32)
+    slot0 = 4
+    P = slot0 + n_suffix * R
+    o_part = torch.randn(P, Q, Hq, D, generator=gen)
+    lse_part = torch.randn(P, Q, Hq, generator=gen) * 5
+    lse_part[torch.rand(P, Q, Hq, generator=gen) < 0.3] = float("-inf")
+    lse_part[[slot0 + 1, slot0 + R + 1], 0, 2] = float("-inf")  # row 1 has no segment slot: nothing at all
+    o_part[torch.isneginf(lse_part)] = 0.0
+    ref = torch.empty(R, Q, Hq, D, dtype=torch.float64)
+    merge_partials_reference(o_part.double(), lse_part.double(), row_slot_off, slot0, n_suffix, ref)
+    assert ref[1, 0, 2].abs().max() == 0
+    out = torch.full((R, Hq, Q, D), float("nan"), dtype=torch.float32).transpose(1, 2)
+    merge_partials(o_part, lse_part, row_slot_off, slot0, n_suffix, out)
+    assert rel_err(out, ref) <= 1e-6
+    assert out[1, 0, 2].abs().max() == 0

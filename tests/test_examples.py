@@ -1,0 +1,74 @@
+"""The example scripts, each on a few items of the project's data with a tiny model: output format, and stock
+and FlashForge producing the same token ids."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny_chat_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPTS = ["fewshot_gsm8k", "fewshot_bbh", "document_qa", "tool_use"]
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"the shared data folder {DATA} is missing")
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--no-warmup", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--model" in capsys.readouterr().out
+
+
+@needs_data
+def test_gsm8k(tiny_model):
+    result = run_example("fewshot_gsm8k", "--model", tiny_model, "--limit", "2", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "GSM8K 8-shot CoT, 2 questions: accuracy stock" in result.stdout
+    assert "identical token ids: 2/2 questions" in result.stdout
+
+
+@needs_data
+def test_bbh(tiny_model):
+    result = run_example("fewshot_bbh", "--model", tiny_model, "--task", "navigate", "--limit", "2", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "BBH navigate 3-shot CoT, 2 questions" in result.stdout
+    assert "identical token ids: 2/2 questions" in result.stdout
+
+
+@needs_data
+def test_document_qa_refuses_then_truncates(tmp_path):
+    short_context = save_tiny_chat_model(tmp_path / "short", max_position_embeddings=512)
+    args = ("--model", short_context, "--task", "multidoc_qa", "--max-questions", "2", "--max-new-tokens", "4")
+    refused = run_example("document_qa", *args)
+    assert refused.returncode != 0
+    assert "--truncate" in refused.stderr and "max_position_embeddings" in refused.stderr
+    result = run_example("document_qa", *args, "--truncate")
+    assert result.returncode == 0, result.stderr
+    assert "document truncated" in result.stdout
+    assert "Q2:" in result.stdout and "identical token ids: yes" in result.stdout
+
+
+def test_tool_use(tiny_model):
+    result = run_example("tool_use", "--model", tiny_model, "--limit", "2", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "20 tools, 2 requests" in result.stdout
+    assert "identical token ids: yes" in result.stdout

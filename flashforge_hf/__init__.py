@@ -6,10 +6,10 @@
 from .attention import register
 from .cache import PrefixSharingCache
 from .compat import model_cache_kwarg as cache_kwarg
-from .generate import generate, prefill_shared
+from .generation import generate, prefill_shared, prompts_per_batch
 from .prefix_tree import Forest, build_forest
 
 register()
 
-__all__ = ["PrefixSharingCache", "Forest", "build_forest", "cache_kwarg", "generate", "prefill_shared", "register"]
+__all__ = ["PrefixSharingCache", "Forest", "build_forest", "cache_kwarg", "generate", "prefill_shared", "prompts_per_batch", "register"]
 __version__ = "0.1.0"

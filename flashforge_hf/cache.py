@@ -127,9 +127,17 @@ class PrefixSharingCache(Cache):
     beam-search reordering is supported (beams of one prompt share its segments).
     """
 
-    def __init__(self, config, forest: Forest, *, device, max_new_tokens: int | None = None, base: int, suffix_len: int):
+    def __init__(self, config, forest: Forest, *, device, max_new_tokens: int | None = None, base: int, suffix_len: int,
+                 segments: "PrefixSharingCache | None" = None):
+        """``segments``: a cache of the same forest whose segments are already prefilled; this cache then shares
+        its segment storage (nothing is copied) and holds only its own rows' suffixes."""
         n_layers = config.num_hidden_layers
         super().__init__(layers=[PrefixSharingLayer() for _ in range(n_layers)])
+        if segments is not None:
+            if segments.forest.seg_tokens is not forest.seg_tokens or segments.config is not config:
+                raise ValueError("`segments` must come from a cache of the same forest and model.")
+            for mine, theirs in zip(self.layers, segments.layers):
+                mine.seg_k, mine.seg_v = theirs.seg_k, theirs.seg_v
         self.config = config
         self.forest = forest
         self.device = torch.device(device)
@@ -183,6 +191,10 @@ class PrefixSharingCache(Cache):
     def nbytes(self) -> int:
         """Bytes of K/V storage held (segments once, plus the suffix buffers)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def segment_nbytes(self) -> int:
+        """Bytes of the shared segments' K/V (shared with caches made with ``segments=self``)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.seg_k, layer.seg_v) if t is not None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the suffix rows; beams of one prompt share the same segments."""
@@ -254,12 +266,16 @@ class PrefixSharingCache(Cache):
         if k.device != self.device:
             raise ValueError(f"PrefixSharingCache lives on {self.device}, but layer K/V are on {k.device}.")
         if layer.seg_k is not None:
-            ref = layer.seg_k
-            if k.shape[1] != ref.shape[0] or k.shape[3] != ref.shape[2] or k.dtype != ref.dtype:
-                raise ValueError(
-                    f"K/V of shape {tuple(k.shape)} ({k.dtype}) do not fit this PrefixSharingCache "
-                    f"(kv heads {ref.shape[0]}, head dim {ref.shape[2]}, {ref.dtype}): it was built for another model."
-                )
+            heads, dim, dtype = layer.seg_k.shape[0], layer.seg_k.shape[2], layer.seg_k.dtype
+        elif layer.suf_k is not None:
+            heads, dim, dtype = layer.suf_k.shape[1], layer.suf_k.shape[3], layer.suf_k.dtype
+        else:
+            return
+        if k.shape[1] != heads or k.shape[3] != dim or k.dtype != dtype:
+            raise ValueError(
+                f"K/V of shape {tuple(k.shape)} ({k.dtype}) do not fit this PrefixSharingCache "
+                f"(kv heads {heads}, head dim {dim}, {dtype}): it was built for another model."
+            )
 
     def _ensure_storage(self, layer: PrefixSharingLayer, k: torch.Tensor) -> None:
         """Allocate (once) or grow (by doubling) the layer's storage."""
@@ -267,6 +283,7 @@ class PrefixSharingCache(Cache):
         if layer.seg_k is None:
             layer.seg_k = torch.empty(H, self.seg_total, D, dtype=k.dtype, device=k.device)
             layer.seg_v = torch.empty_like(layer.seg_k)
+        if layer.suf_k is None:
             layer.suf_k = torch.empty(self.num_rows, H, self.capacity, D, dtype=k.dtype, device=k.device)
             layer.suf_v = torch.empty_like(layer.suf_k)
         need = self._write_hi

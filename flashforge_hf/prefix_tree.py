@@ -48,6 +48,12 @@ class Forest:
     def ancestor_len(self, r: int) -> int:
         return sum(len(self.seg_tokens[s]) for s in self.paths[r])
 
+    def select(self, rows: list[int]) -> "Forest":
+        """The same segments, serving only ``rows`` (in that order)."""
+        pick = lambda xs: tuple(xs[r] for r in rows)  # noqa: E731
+        return Forest(self.seg_tokens, self.seg_parent, self.seg_pos, self.seg_level, pick(self.paths),
+                      pick(self.suffix_tokens), pick(self.pad), pick(self.source))
+
     def unique_tokens(self) -> int:
         """Tokens stored once: all segments plus every row's suffix."""
         return sum(map(len, self.seg_tokens)) + sum(map(len, self.suffix_tokens))

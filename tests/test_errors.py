@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, FalconConfig, Gemma2Config, GptOs
 
 import flashforge_hf
 from flashforge_hf.attention import register
-from flashforge_hf.generate import check_model
+from flashforge_hf.generation import check_model
 from tiny_models import load, save_tiny, shared_prefix_batch
 
 

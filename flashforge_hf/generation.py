@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from tqdm.auto import tqdm
 
 from .cache import ATTN_IMPLEMENTATION, PrefixSharingCache
 from .compat import model_cache_kwarg
@@ -122,45 +125,98 @@ def _prefill(model, input_ids, mask, attention_mask, *, max_new_tokens, num_copi
     """prefill_shared on validated inputs (``mask``: the checked 0/1 mask, ``attention_mask``: the caller's)."""
     if num_copies < 1:
         raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
-    B, L = input_ids.shape
-    check_model(model, longest_row=L + (max_new_tokens or 0))
+    check_model(model, longest_row=input_ids.shape[1] + (max_new_tokens or 0))
     forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=num_copies)
-    pre_suffix = [len(t) - 1 for t in forest.suffix_tokens]
-    suffix_len = max(pre_suffix)
-    device = input_ids.device
-    cache = PrefixSharingCache(
-        model.config, forest, device=device, max_new_tokens=max_new_tokens, base=L - 1 - suffix_len, suffix_len=suffix_len
-    )
-    kw = model_cache_kwarg(model)
-    base_model = model.base_model
-    with torch.no_grad():  # not inference_mode: generate later updates these buffers outside it
-        # 1. Shared segments, one forward pass per tree level (all segments of a level batched, left-padded).
-        for level in range(forest.num_levels):
-            seg_ids = [s for s, lv in enumerate(forest.seg_level) if lv == level]
-            width = max(len(forest.seg_tokens[s]) for s in seg_ids)
-            ids = torch.zeros(len(seg_ids), width, dtype=torch.long)
-            pos = torch.zeros(len(seg_ids), width, dtype=torch.long)
-            for i, s in enumerate(seg_ids):
-                n = len(forest.seg_tokens[s])
-                ids[i, width - n :] = torch.tensor(forest.seg_tokens[s])
-                pos[i, width - n :] = torch.arange(forest.seg_pos[s], forest.seg_pos[s] + n)
-            cache.begin_segment_pass(seg_ids, width)
-            base_model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=True, **{kw: cache})
-            cache.end_pass()
-        # 2. Each row's own suffix except its last token, left-aligned on the cache's column grid.
-        if suffix_len > 0:
-            R = forest.num_rows
-            ids = torch.zeros(R, suffix_len, dtype=torch.long)
-            pos = torch.zeros(R, suffix_len, dtype=torch.long)
-            for r, toks in enumerate(forest.suffix_tokens):
-                n = len(toks) - 1
-                if n:
-                    a = forest.ancestor_len(r)
-                    ids[r, suffix_len - n :] = torch.tensor(toks[:-1])
-                    pos[r, suffix_len - n :] = torch.arange(a, a + n)
-            base_model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=True, **{kw: cache})
-            cache.end_pass()
+    cache = _new_cache(model, forest, input_ids.shape[1], max_new_tokens, input_ids.device)
+    _prefill_segments(model, cache)
+    _prefill_suffixes(model, cache)
     return cache, {"input_ids": input_ids, "attention_mask": mask.to(input_ids.dtype) if attention_mask is None else attention_mask}
+
+
+def _new_cache(model, forest, width: int, max_new_tokens, device, segments=None) -> PrefixSharingCache:
+    """A cache for ``forest``'s rows of a batch ``width`` columns wide (the last column is left for generate)."""
+    suffix_len = max((len(t) - 1 for t in forest.suffix_tokens), default=0)
+    return PrefixSharingCache(model.config, forest, device=device, max_new_tokens=max_new_tokens,
+                              base=width - 1 - suffix_len, suffix_len=suffix_len, segments=segments)
+
+
+def _forward(model, cache, ids, pos):
+    with torch.no_grad():  # not inference_mode: generate later updates the cache's buffers outside it
+        model.base_model(input_ids=ids.to(cache.device), position_ids=pos.to(cache.device), use_cache=True,
+                         **{model_cache_kwarg(model): cache})
+    cache.end_pass()
+
+
+def _prefill_segments(model, cache: PrefixSharingCache) -> None:
+    """Shared segments, one forward pass per tree level (all segments of a level batched, left-padded)."""
+    forest = cache.forest
+    for level in range(forest.num_levels):
+        seg_ids = [s for s, lv in enumerate(forest.seg_level) if lv == level]
+        width = max(len(forest.seg_tokens[s]) for s in seg_ids)
+        ids = torch.zeros(len(seg_ids), width, dtype=torch.long)
+        pos = torch.zeros(len(seg_ids), width, dtype=torch.long)
+        for i, s in enumerate(seg_ids):
+            n = len(forest.seg_tokens[s])
+            ids[i, width - n :] = torch.tensor(forest.seg_tokens[s])
+            pos[i, width - n :] = torch.arange(forest.seg_pos[s], forest.seg_pos[s] + n)
+        cache.begin_segment_pass(seg_ids, width)
+        _forward(model, cache, ids, pos)
+
+
+def _prefill_suffixes(model, cache: PrefixSharingCache) -> None:
+    """Each row's own suffix except its last token, left-aligned on the cache's column grid."""
+    forest, width = cache.forest, cache.suffix_len
+    if width == 0:
+        return
+    ids = torch.zeros(forest.num_rows, width, dtype=torch.long)
+    pos = torch.zeros(forest.num_rows, width, dtype=torch.long)
+    for r, toks in enumerate(forest.suffix_tokens):
+        n = len(toks) - 1
+        if n:
+            a = forest.ancestor_len(r)
+            ids[r, width - n :] = torch.tensor(toks[:-1])
+            pos[r, width - n :] = torch.arange(a, a + n)
+    _forward(model, cache, ids, pos)
+
+
+def prompts_per_batch(model, forest, copies: int, max_new_tokens: int, device, free_bytes: int | None = None,
+                      safety: float = 0.8) -> int:
+    """How many prompts (each with its ``copies`` rows) fit in one batch, estimated before any work.
+
+    Counts the shared segments' K/V once, then per row its suffix K/V (prompt suffix + ``max_new_tokens``), the
+    activations of the suffix prefill, the attention partials and the logits of a decode step. ``free_bytes``
+    defaults to the device's free memory (CUDA: free plus what torch's allocator holds unused; CPU: available
+    RAM). Raises MemoryError when not even one prompt fits."""
+    cfg = model.config
+    isz = next(model.parameters()).element_size()
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    kv_per_token = 2 * cfg.num_hidden_layers * hkv * d * isz
+    act_per_token = isz * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) + 4 * 4 * hq * d  # + 4 float32 partials
+    suffix = max((len(t) - 1 for t in forest.suffix_tokens), default=0)
+    level_tokens = max((sum(len(forest.seg_tokens[s]) for s, lv in enumerate(forest.seg_level) if lv == level)
+                        for level in range(forest.num_levels)), default=0)
+    fixed = kv_per_token * sum(map(len, forest.seg_tokens)) + act_per_token * level_tokens
+    per_row = kv_per_token * (suffix + 1 + max_new_tokens) + act_per_token * suffix + 2 * 4 * cfg.vocab_size
+    if free_bytes is None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            free_bytes = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        else:
+            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = safety * free_bytes - fixed
+    fit = int(budget // (per_row * copies)) if budget > 0 else 0
+    if fit < 1:
+        gib = 2**30
+        raise MemoryError(
+            f"Not even one prompt fits: the shared segments need {fixed / gib:.2f} GiB and each prompt "
+            f"{per_row * copies / gib:.2f} GiB ({copies} row(s) of up to {suffix + 1} own prompt tokens + "
+            f"{max_new_tokens} new), but only {safety * free_bytes / gib:.2f} GiB of {device} memory is usable. "
+            "Shorten the prompts, lower max_new_tokens or num_return_sequences/num_beams, or free memory."
+        )
+    return fit
 
 
 def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
@@ -176,7 +232,8 @@ def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     return None
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, min_shared_tokens: int = 16, **kwargs):
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, min_shared_tokens: int = 16,
+             batch_size: int | None = None, progress: bool = True, **kwargs):
     """Drop-in for ``model.generate(input_ids, attention_mask=..., **kwargs)`` on a batch of shared-prefix prompts.
 
     Prefills each shared segment once into a :class:`PrefixSharingCache`, then runs transformers' generate on
@@ -184,22 +241,58 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     order, prompts in the same left-padded layout). Supports greedy, sampling, ``num_return_sequences``, beam
     search, stop strings/EOS, ``return_dict_in_generate`` with scores and logits. Assisted generation and
     contrastive search raise (they crop the cache).
+
+    Many prompts: when they do not all fit the device's free memory (estimated before any work, see
+    :func:`prompts_per_batch`), or when ``batch_size`` (prompts per batch) is given, the prompts run in batches
+    that share one prefill of every shared segment: each segment is prefilled and stored once per call, not
+    once per batch. Finished batches are padded with the pad token to the longest one, as one stock batch
+    would be. Sampling then draws random numbers batch by batch (seeded runs differ from one stock batch), and
+    ``return_dict_in_generate`` needs a single batch.
     """
     for unsupported in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha", "cache", "past_key_values"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"flashforge_hf.generate does not support `{unsupported}` (it needs a cache it can crop or its own cache); use model.generate.")
+            raise NotImplementedError(
+                f"flashforge_hf.generate does not support `{unsupported}` (it needs a cache it can crop, or its own "
+                "cache); use model.generate for it."
+            )
+    mask = _check_inputs(model, input_ids, attention_mask)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 prompts, got {batch_size}.")
     gc = kwargs.get("generation_config") or model.generation_config
     num_beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
     nrs = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
     copies = num_beams if num_beams > 1 else nrs
-    mask = _check_inputs(model, input_ids, attention_mask)
-    cache, inputs = _prefill(
-        model,
-        input_ids,
-        mask,
-        attention_mask,
-        max_new_tokens=_max_new_tokens(model, input_ids.shape[1], kwargs),
-        num_copies=copies,
-        min_shared_tokens=min_shared_tokens,
-    )
-    return model.generate(**inputs, **{model_cache_kwarg(model): cache}, **kwargs)
+    B, width = input_ids.shape
+    max_new = _max_new_tokens(model, width, kwargs)
+    check_model(model, longest_row=width + (max_new or 0))
+    forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=copies)
+    fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
+    per_batch = min(fit, batch_size or B)
+    kw = model_cache_kwarg(model)
+    if per_batch >= B:
+        cache = _new_cache(model, forest, width, max_new, input_ids.device)
+        _prefill_segments(model, cache)
+        _prefill_suffixes(model, cache)
+        return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)
+    if kwargs.get("return_dict_in_generate", getattr(gc, "return_dict_in_generate", False)):
+        raise NotImplementedError(
+            f"return_dict_in_generate needs all {B} prompts in one batch, but {per_batch} fit: pass a larger "
+            "batch_size if memory allows, or call flashforge_hf.generate per batch."
+        )
+    segments = _new_cache(model, forest.select([]), width, max_new, input_ids.device)
+    _prefill_segments(model, segments)
+    outs = []
+    for b0 in tqdm(range(0, B, per_batch), desc="flashforge batches", unit="batch", disable=not progress):
+        b1 = min(B, b0 + per_batch)
+        cache = _new_cache(model, forest.select(list(range(b0 * copies, b1 * copies))), width, max_new,
+                           input_ids.device, segments=segments)
+        _prefill_suffixes(model, cache)
+        outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
+                                   **{kw: cache}, **kwargs))
+    pad = kwargs.get("pad_token_id", gc.pad_token_id)
+    if pad is None:
+        eos = kwargs.get("eos_token_id", gc.eos_token_id)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    longest = max(o.shape[1] for o in outs)
+    return torch.cat([torch.nn.functional.pad(o, (0, longest - o.shape[1]), value=pad if pad is not None else 0)
+                      for o in outs])

@@ -2,6 +2,12 @@
 
 Tier 2 of the package: it calls the kernel launchers (CUDA tensors) or their PyTorch references
 (every other device) with the plan made once per forward pass, and knows nothing of transformers.
+
+On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
+(shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its tensors
+to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
+otherwise the merge kernel follows (three). The merge kernel is compiled in either case, so that a decode
+whose suffix starts splitting compiles nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +16,26 @@ import torch
 
 from .kernels import merge, segment_attention, suffix_attention
 from .planner import ForestPlan
+
+
+def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out):
+    """``launch(q, seg_k, seg_v, suf_k, suf_v, out)``: every kernel of one layer for tensors like these."""
+    R, Hq, Q, D = q.shape
+    o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
+    seg = None
+    if plan.segments is not None:
+        seg = segment_attention.bind_segment_attention(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
+    fused = plan.suffix.n_splits == 1
+    suf = suffix_attention.bind_suffix_attention(q, suf_k, suf_v, plan.suffix, o_part, lse_part, plan.row_slot_off,
+                                                 out, sm_scale, fused)
+    mrg = merge.bind_merge_partials(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
+    if seg is None:
+        if fused:
+            return lambda q, sk, sv, fk, fv, out: suf(q, fk, fv, out)
+        return lambda q, sk, sv, fk, fv, out: (suf(q, fk, fv, out), mrg(out))
+    if fused:
+        return lambda q, sk, sv, fk, fv, out: (seg(q, sk, sv), suf(q, fk, fv, out))
+    return lambda q, sk, sv, fk, fv, out: (seg(q, sk, sv), suf(q, fk, fv, out), mrg(out))
 
 
 def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out=None) -> torch.Tensor:
@@ -22,13 +48,21 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
     R, Hq, Q, D = q.shape
     if out is None:
         out = torch.empty(R, Q, Hq, D, dtype=q.dtype, device=q.device)
+    if q.is_cuda:
+        tensors = (q, seg_k, seg_v, suf_k, suf_v, out)
+        misaligned = (q.data_ptr() | seg_k.data_ptr() | seg_v.data_ptr() | suf_k.data_ptr() | suf_v.data_ptr()
+                      | out.data_ptr()) % 16
+        key = (sm_scale, q.dtype, q.shape, q.stride(), seg_k.shape, seg_k.stride(), seg_v.stride(), suf_k.shape,
+               suf_k.stride(), suf_v.stride(), out.stride(),
+               misaligned and tuple(t.data_ptr() % 16 == 0 for t in tensors))
+        launch = plan.launches.get(key)
+        if launch is None:
+            launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
+        launch(*tensors)
+        return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
-    cuda = q.is_cuda
     if plan.segments is not None:
-        fn = segment_attention.segment_attention if cuda else segment_attention.segment_attention_reference
-        fn(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
-    fn = suffix_attention.suffix_attention if cuda else suffix_attention.suffix_attention_reference
-    fn(q, suf_k, suf_v, plan.suffix, o_part, lse_part, sm_scale)
-    fn = merge.merge_partials if cuda else merge.merge_partials_reference
-    fn(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
+        segment_attention.segment_attention_reference(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
+    suffix_attention.suffix_attention_reference(q, suf_k, suf_v, plan.suffix, o_part, lse_part, sm_scale)
+    merge.merge_partials_reference(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
     return out

@@ -13,11 +13,14 @@ every SM ``waves`` times with near-equal cost; the chunk boundaries are multiple
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from .kernels import segment_attention
+from .kernels._common import block_d
 from .kernels.segment_attention import SegmentTasks
 from .kernels.suffix_attention import SuffixTasks
 
@@ -35,15 +38,21 @@ class DeviceModel:
     def for_device(device: torch.device) -> "DeviceModel":
         if device.type != "cuda":
             return _CPU_MODEL
-        props = torch.cuda.get_device_properties(device)
-        # Roofline numbers measured on an H100 (3.0 TB/s copy, ~740 TFLOP/s bf16); other cards scale by SM count.
-        return DeviceModel(num_sms=props.multi_processor_count, bandwidth=3.0e12 * props.multi_processor_count / 132,
-                           flops=7.4e14 * props.multi_processor_count / 132)
+        return _cuda_model(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_model(index: int) -> DeviceModel:
+    props = torch.cuda.get_device_properties(index)
+    # Roofline numbers measured on an H100 (3.0 TB/s copy, ~740 TFLOP/s bf16); other cards scale by SM count.
+    return DeviceModel(num_sms=props.multi_processor_count, bandwidth=3.0e12 * props.multi_processor_count / 132,
+                       flops=7.4e14 * props.multi_processor_count / 132)
 
 
 _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
 MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
+WAVES = 2  # segment tasks per SM (over the KV heads) that the chunking aims at
 
 
 @dataclass
@@ -55,6 +64,9 @@ class ForestPlan:
     row_slot_off:  int32 [R + 1] device: each row's range of segment partial slots (merge input).
     n_slots:       partial slots in all (segment chunks per row, then n_splits * R suffix slots).
     q_len:         query tokens per row in this forward.
+    workspace:     float32 storage of the partial buffers, owned by the caller and shared across plans.
+    launches:      bound kernel launches of this plan, keyed by the layer tensors' geometry (filled by
+                   forest_attention at the first layer, reused by the others).
     """
 
     segments: SegmentTasks | None
@@ -63,6 +75,7 @@ class ForestPlan:
     n_slots: int
     q_len: int
     workspace: dict = field(default_factory=dict)
+    launches: dict = field(default_factory=dict)
 
     def partial_buffers(self, num_heads: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (o_part [P, Q, Hq, D], lse_part [P, Q, Hq]) carved from ``workspace``, which the owner
@@ -93,9 +106,11 @@ def plan_segments(
     head_dim: int,
     itemsize: int,
     device: torch.device,
-    waves: int = 2,
+    waves: int | None = None,
 ) -> tuple[SegmentTasks | None, list[int]]:
-    """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints)."""
+    """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints).
+    ``waves``: tasks per SM to aim at (default :data:`WAVES`)."""
+    waves = WAVES if waves is None else waves
     R = len(paths)
     rows_of: dict[int, list[int]] = {}
     for r, path in enumerate(paths):
@@ -105,13 +120,13 @@ def plan_segments(
         return None, [0] * (R + 1)
     dev = DeviceModel.for_device(device)
     on_gpu = device.type == "cuda"
-    block_n = 64 if on_gpu else 1 << 30
     segs = sorted(rows_of)
     m_of = {s: len(rows_of[s]) * q_len * group for s in segs}
     if on_gpu:
         block_m = min(MAX_BLOCK_M if head_dim <= 128 else 64, _pow2_at_least(max(m_of.values()), 16))
+        block_n = segment_attention.tile_config(block_m, block_d(head_dim))[0]
     else:
-        block_m = _pow2_at_least(max(m_of.values()), 1)
+        block_m, block_n = _pow2_at_least(max(m_of.values()), 1), 64
 
     def cost(n: int, m: int) -> float:
         byts = 2 * n * head_dim * itemsize
@@ -149,7 +164,7 @@ def plan_segments(
         seg_rows += rows_of[s]
         row_slot += [base_of[(s, r)] for r in rows_of[s]]
         n, c = seg_len[s], chunks[s]
-        step = math.ceil(math.ceil(n / c) / min(block_n, n)) * min(block_n, n)
+        step = math.ceil(math.ceil(n / c) / min(block_n, n)) * min(block_n, n)  # whole key tiles per chunk
         for ci in range(c):
             kv_lo, kv_hi = seg_start[s] + ci * step, seg_start[s] + min(n, (ci + 1) * step)
             if kv_lo >= kv_hi:
@@ -160,13 +175,21 @@ def plan_segments(
     tasks.sort(key=lambda t: -(t[1] - t[0]))
     # Chunks that were dropped for being empty never happen (step * (c - 1) < n by construction).
     host = tuple(tasks)
-    as_dev = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    # One host-to-device copy for the three tables, each starting 16-byte aligned (alignment picks the variant).
+    parts = [[x for t in tasks for x in t], seg_rows, row_slot]
+    offs = [0]
+    for part in parts:
+        offs.append(offs[-1] + -(-len(part) // 4) * 4)
+    flat = [0] * offs[-1]
+    for part, o in zip(parts, offs):
+        flat[o:o + len(part)] = part
+    table = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
     seg_tasks = SegmentTasks(
-        tasks=as_dev(tasks).reshape(-1, 6),
-        seg_rows=as_dev(seg_rows),
-        row_slot=as_dev(row_slot),
+        tasks=table[offs[0]:offs[0] + len(parts[0])].view(-1, 6),
+        seg_rows=table[offs[1]:offs[1] + len(seg_rows)],
+        row_slot=table[offs[2]:offs[2] + len(row_slot)],
         block_m=block_m,
-        block_n=min(block_n, 64) if on_gpu else 64,
+        block_n=block_n,
         host=host,
     )
     return seg_tasks, row_slot_off

@@ -1,8 +1,10 @@
-"""Helpers shared by the attention kernels: the online-softmax step (device) and launch-time choices (host).
+"""Helpers shared by the attention kernels: the online-softmax loop and the LSE-merge step (device), and the
+launch path (host).
 
 Launch cost: Triton's own launch path re-derives the kernel variant from every argument on every call,
-tens of microseconds for these kernels' ~25 arguments. :class:`KernelLauncher` keys the variant itself and,
-after the first launch of each, calls the compiled kernel directly.
+tens of microseconds for these kernels' ~25 arguments. :meth:`KernelLauncher.bind` keys the variant itself,
+compiles it once, and returns a function that launches the compiled kernel with new tensors and the bound
+scalars; callers that launch the same shapes again (every layer of one forward pass) keep that function.
 
 Strides of growing dimensions are passed to the kernels as runtime integers (``do_not_specialize``), so
 Triton no longer learns that they are multiples of 16 and would fall back to narrow loads. The launchers
@@ -10,6 +12,8 @@ therefore pass each stride divided by a compile-time ``STRIDE_UNIT`` (16 when ev
 a multiple of 16, else 1) and the kernels multiply it back: the divisibility stays known to the compiler
 while the value itself never selects a kernel variant.
 """
+
+from typing import Callable
 
 import torch
 import triton
@@ -36,6 +40,27 @@ def online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def attend_keys(q, k_base, v_base, s_kn, s_vn, lo, hi, q_col, offs_d, mask_d, acc, m_i, l_i, qk_scale,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax of q [M, BLOCK_D] over keys lo, lo + BLOCK_N, ... below hi (key n at k_base + n * s_kn,
+    element strides). MASKED: keys >= hi, and keys > q_col [M] for each query, are left out; otherwise the
+    caller guarantees that every tile is whole and visible to every query (no per-key mask at all)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_mask = (offs_n < hi)[:, None] & mask_d[None, :]
+        else:
+            kv_mask = mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            s = tl.where((offs_n < hi)[None, :] & (offs_n[None, :] <= q_col[:, None]), s, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def finish_softmax(acc, m_i, l_i):
     """(normalised output [M, D], natural-log LSE [M]) of an online softmax; rows with no key give (0, -inf)."""
     empty = l_i == 0.0
@@ -44,12 +69,26 @@ def finish_softmax(acc, m_i, l_i):
     return o, lse
 
 
+@triton.jit
+def merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
+    """Fold the partial at o_slot/lse_slot (its slot's base pointers; o_off [H, D] and lse_off [H] element
+    offsets inside the slot) into the running (acc [H, D], m_i [H] natural-log max, den [H]); the merged
+    output is acc / den."""
+    lse = tl.load(lse_slot + lse_off, mask=mask_h, other=float("-inf"))
+    o = tl.load(o_slot + o_off, mask=mask_hd, other=0.0)
+    m_new = tl.maximum(m_i, lse)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    w = tl.exp(lse - m_use)
+    return acc * alpha[:, None] + w[:, None] * o, m_new, den * alpha + w
+
+
 FAST_LAUNCH = True  # tests switch it off to count the variants Triton itself would compile
 
 
 class KernelLauncher:
-    """Launches one @triton.jit kernel: through Triton the first time a variant is seen (and always under the
-    interpreter), then through the compiled kernel.
+    """Launches one @triton.jit kernel, through Triton's launch path under the interpreter (CPU tensors) or
+    when ``FAST_LAUNCH`` is off, else through the compiled kernel.
 
     Valid for kernels whose int arguments are all ``do_not_specialize`` (they are i32 while below 2**31):
     a variant then depends only on the constexprs, the launch options, the device, the tensors' dtypes and
@@ -60,18 +99,23 @@ class KernelLauncher:
         self.fn = fn
         self.compiled = {}
 
-    def __call__(self, grid, tensors, scalars, constexprs, **options):
-        """grid: 3 ints; tensors, scalars, constexprs (a dict): the kernel's arguments in signature order."""
-        if not (FAST_LAUNCH and tensors[0].is_cuda and max(scalars) < 2**31):
-            self.fn[grid](*tensors, *scalars, **constexprs, **options)
-            return
+    def bind(self, grid, tensors, scalars, constexprs, **options) -> Callable[..., None]:
+        """Compile the variant for these arguments (CUDA) and return ``launch(*tensors)``, which launches it on
+        tensors of the same dtypes, device and 16-byte alignment as ``tensors``, with these scalars and grid.
+
+        grid: 3 ints; tensors, scalars, constexprs (a dict): the kernel's arguments in signature order."""
+        if not (tensors[0].is_cuda and max(scalars) < 2**31):
+            return lambda *ts: self.fn[grid](*ts, *scalars, **constexprs, **options)
         key = (tensors[0].device.index, *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors],
                *constexprs.values(), *options.values())
         kernel = self.compiled.get(key)
         if kernel is None:
-            self.compiled[key] = self.fn[grid](*tensors, *scalars, **constexprs, **options)
-        else:
-            kernel[grid](*tensors, *scalars, *constexprs.values())
+            kernel = self.compiled[key] = self.fn.warmup(*tensors, *scalars, grid=grid, **constexprs, **options)
+        if not FAST_LAUNCH:
+            return lambda *ts: self.fn[grid](*ts, *scalars, **constexprs, **options)
+        runner = kernel[grid]
+        rest = (*scalars, *constexprs.values())
+        return lambda *ts: runner(*ts, *rest)
 
 
 def stride_unit(*strides: int) -> int:

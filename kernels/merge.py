@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelLauncher, block_d, stride_unit
+from ._common import KernelLauncher, block_d, merge_slot, stride_unit
 
 
 def merge_partials_reference(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
@@ -34,19 +34,6 @@ def merge_partials_reference(o_part, lse_part, row_slot_off, suffix_slot0: int, 
         num = (w[..., None] * o).sum(dim=0)
         res = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
         out[r] = res.to(out.dtype)
-
-
-@triton.jit
-def _merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
-    """Fold the partial at o_slot/lse_slot (its slot's base pointers) into the running
-    (acc [BLOCK_H, BLOCK_D], m_i [BLOCK_H] natural-log max, den [BLOCK_H])."""
-    lse = tl.load(lse_slot + lse_off, mask=mask_h, other=float("-inf"))
-    o = tl.load(o_slot + o_off, mask=mask_hd, other=0.0)
-    m_new = tl.maximum(m_i, lse)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_use)
-    w = tl.exp(lse - m_use)
-    return acc * alpha[:, None] + w[:, None] * o, m_new, den * alpha + w
 
 
 @triton.jit(do_not_specialize=["R", "Q", "Hq", "slot0", "n_suffix", "s_op", "s_ot", "s_oh", "s_lp", "s_lt", "s_xr",
@@ -72,11 +59,11 @@ def _merge_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_H], dtype=tl.float32)
     for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
-        acc, m_i, den = _merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
+        acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
                                     acc, m_i, den)
     for j in range(0, n_suffix):
         p = slot0 + j * R + r
-        acc, m_i, den = _merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
+        acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
                                     acc, m_i, den)
     res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
     x_off = r.to(tl.int64) * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + offs_h[:, None] * (s_xh * STRIDE_UNIT)
@@ -86,18 +73,25 @@ def _merge_kernel(
 _launch_merge = KernelLauncher(_merge_kernel)
 
 
-def merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
-    """LSE-merge of every row's partials into ``out`` (one launch, grid (R * Q, head blocks)); see the module
-    docstring. No host synchronisation."""
+def bind_merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out):
+    """``launch(out)`` doing :func:`merge_partials` into tensors shaped, strided and aligned like ``out`` (the
+    partials and slot tables are bound); compiles the variant now."""
     R, Q, Hq, D = out.shape
     bd = block_d(D)
     bh = min(triton.next_power_of_2(Hq), max(1, 4096 // bd))
     strides = (*o_part.stride()[:3], *lse_part.stride()[:2], *out.stride()[:3])
     unit = stride_unit(*strides)
-    _launch_merge(
+    launch = _launch_merge.bind(
         (R * Q, triton.cdiv(Hq, bh), 1),
         (o_part, lse_part, row_slot_off, out),
         (R, Q, Hq, suffix_slot0, n_suffix, *[s // unit for s in strides]),
         dict(D=D, BLOCK_H=bh, BLOCK_D=bd, STRIDE_UNIT=unit),
         num_warps=4,
     )
+    return lambda out: launch(o_part, lse_part, row_slot_off, out)
+
+
+def merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
+    """LSE-merge of every row's partials into ``out`` (one launch, grid (R * Q, head blocks)); see the module
+    docstring. No host synchronisation."""
+    bind_merge_partials(o_part, lse_part, row_slot_off, suffix_slot0, n_suffix, out)(out)

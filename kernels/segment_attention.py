@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, KernelLauncher, block_d, dot_precision, finish_softmax, online_softmax_step, stride_unit
+from ._common import LOG2E, KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, stride_unit
 
 
 class SegmentTasks(NamedTuple):
@@ -33,7 +33,8 @@ class SegmentTasks(NamedTuple):
     seg_rows: int32 [n_pairs], device: query-row ids, grouped by segment.
     row_slot: int32 [n_pairs], device: first partial slot of each (segment, row) pair.
     block_m:  queries per tile (power of two, >= every task's m_hi - m_lo).
-    block_n:  keys per inner tile (power of two).
+    block_n:  keys per inner tile (power of two; capped by :func:`tile_config`). A task's keys run in whole
+              tiles from kv_lo; only its last tile may be partial, and only that one is masked.
     host:     the same task table as Python tuples, for the CPU reference (no device sync needed).
     """
 
@@ -108,15 +109,13 @@ def _segment_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(kv_lo, kv_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_hi
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * (s_kn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * (s_vn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+    # Whole key tiles without any mask, then the ragged tail (at most one tile); no causal limit here.
+    n_full = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
+    q_col = offs_m * 0 + kv_hi
+    acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, kv_lo, n_full, q_col,
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, False, DOT_PREC)
+    acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, n_full, kv_hi, q_col,
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, True, DOT_PREC)
     o, lse = finish_softmax(acc, m_i, l_i)
 
     slot = (tl.load(row_slot_ptr + rows_lo + row_local, mask=mask_m, other=0) + chunk).to(tl.int64)
@@ -128,26 +127,49 @@ def _segment_attention_kernel(
 _launch_segment = KernelLauncher(_segment_attention_kernel)
 
 
-def segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part, sm_scale: float) -> None:
-    """Partial attention of every task in ``plan`` (one launch, grid (n_tasks, Hkv)); see the module docstring.
+def tile_config(block_m: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a BLOCK_M x BLOCK_D query tile. Chosen by
+    ``python benchmarks/attention.py --tune`` on an H100 (bf16, D=128): BLOCK_M=64 tiles at (64, 4, 3) ran the
+    compute-bound shared segments fastest (152 us for 128 rows x 32K keys, ~450 TFLOP/s), ahead of BLOCK_M=128
+    at (64, 8, 3); one-row segments (memory-bound) at (64, 4, 2)."""
+    if block_d > 128:
+        return 32, 8 if block_m >= 64 else 4, 2
+    if block_m <= 32:
+        return 64, 4, 2
+    return 64, 8 if block_m >= 128 else 4, 3
 
-    Writes o_part/lse_part at the slots the plan assigns; no host synchronisation.
-    """
+
+def bind_segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part, sm_scale: float):
+    """``launch(q, seg_k, seg_v)`` doing :func:`segment_attention` on tensors shaped, strided and aligned like
+    these (the plan, o_part and lse_part are bound), or None when the plan has no task."""
     R, Hq, Q, D = q.shape
     Hkv = seg_k.shape[0]
     n_tasks = len(plan.host)
     if n_tasks == 0:
-        return
+        return None
     strides = (*q.stride()[:3], seg_k.stride(0), seg_k.stride(1), seg_v.stride(0), seg_v.stride(1),
                *o_part.stride()[:3], *lse_part.stride()[:2])
     unit = stride_unit(*strides)
     bd = block_d(D)
     bm = max(16, plan.block_m)
-    bn = plan.block_n if bd <= 128 else min(plan.block_n, 32)
-    _launch_segment(
+    max_bn, num_warps, num_stages = tile_config(bm, bd)
+    fixed = (plan.tasks, plan.seg_rows, plan.row_slot, o_part, lse_part)
+    launch = _launch_segment.bind(
         (n_tasks, Hkv, 1),
-        (q, seg_k, seg_v, plan.tasks, plan.seg_rows, plan.row_slot, o_part, lse_part),
+        (q, seg_k, seg_v, *fixed),
         (sm_scale * LOG2E, Q, *[s // unit for s in strides]),
-        dict(G=Hq // Hkv, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, STRIDE_UNIT=unit, DOT_PREC=dot_precision(q.dtype)),
-        num_warps=8 if bm * bd >= 128 * 128 else 4, num_stages=2 if bd >= 256 else 3,
+        dict(G=Hq // Hkv, D=D, BLOCK_M=bm, BLOCK_N=min(plan.block_n, max_bn), BLOCK_D=bd, STRIDE_UNIT=unit,
+             DOT_PREC=dot_precision(q.dtype)),
+        num_warps=num_warps, num_stages=num_stages,
     )
+    return lambda q, k, v: launch(q, k, v, *fixed)
+
+
+def segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part, sm_scale: float) -> None:
+    """Partial attention of every task in ``plan`` (one launch, grid (n_tasks, Hkv)); see the module docstring.
+
+    Writes o_part/lse_part at the slots the plan assigns; no host synchronisation.
+    """
+    launch = bind_segment_attention(q, seg_k, seg_v, plan, o_part, lse_part, sm_scale)
+    if launch is not None:
+        launch(q, seg_k, seg_v)

@@ -11,6 +11,12 @@ columns start[r] .. end - Q + t (causal among the new tokens; a query left of st
 sees nothing here). Split j covers columns [j * split_len, (j + 1) * split_len) and writes partial slot
 slot0 + j * R + r (the suffix slots follow the segment slots, so the segment part of a plan stays valid
 while decoding changes the number of splits).
+
+With one split, :func:`suffix_attention_merged` also does the merge (see merge.py) in the same program: it
+folds the row's segment partials (slots [row_slot_off[r], row_slot_off[r + 1]), written by an earlier
+launch) into its own result and writes out [R, Q, Hq, D] (model dtype, any strides, last dim contiguous),
+saving the merge launch and the suffix partials' round trip. Both launchers run the same compiled variant
+(the merge is a runtime switch), so a decode that starts or stops splitting compiles nothing new.
 """
 
 from typing import NamedTuple
@@ -19,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, KernelLauncher, block_d, dot_precision, finish_softmax, online_softmax_step, stride_unit
+from ._common import (LOG2E, KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, merge_slot,
+                      stride_unit)
+from .merge import merge_partials_reference
 
 
 class SuffixTasks(NamedTuple):
@@ -57,14 +65,26 @@ def suffix_attention_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_p
         lse_part[slot] = lse.reshape(R, Hq, Q).transpose(1, 2).to(lse_part.dtype)
 
 
-@triton.jit(do_not_specialize=["R", "Q", "end", "split_len", "slot0", "q_tiles", "s_qr", "s_qh", "s_qt", "s_kr",
-                               "s_kh", "s_kn", "s_vr", "s_vh", "s_vn", "s_op", "s_ot", "s_oh", "s_lp", "s_lt"])
+def suffix_attention_merged_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, row_slot_off, out,
+                                      sm_scale: float) -> None:
+    """PyTorch reference of :func:`suffix_attention_merged` (same signature): the suffix reference, then the
+    merge reference. Also writes the suffix partials, which the kernel skips."""
+    if plan.n_splits != 1:
+        raise ValueError(f"suffix_attention_merged needs one suffix split, got {plan.n_splits}")
+    suffix_attention_reference(q, suf_k, suf_v, plan, o_part, lse_part, sm_scale)
+    merge_partials_reference(o_part, lse_part, row_slot_off, plan.slot0, 1, out)
+
+
+@triton.jit(do_not_specialize=["R", "Q", "end", "split_len", "slot0", "q_tiles", "merge", "s_qr", "s_qh", "s_qt",
+                               "s_kr", "s_kh", "s_kn", "s_vr", "s_vh", "s_vn", "s_op", "s_ot", "s_oh", "s_lp", "s_lt",
+                               "s_xr", "s_xt", "s_xh"])
 def _suffix_attention_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, start_ptr, off_ptr, out_ptr, o_ptr, lse_ptr,
     qk_scale,  # sm_scale * log2(e)
     R, Q, end, split_len, slot0, q_tiles,
+    merge,  # 1: merge with the row's segment partials and write out (one split only); 0: write the partial
     s_qr, s_qh, s_qt, s_kr, s_kh, s_kn, s_vr, s_vh, s_vn,  # element strides // STRIDE_UNIT
-    s_op, s_ot, s_oh, s_lp, s_lt,
+    s_op, s_ot, s_oh, s_lp, s_lt, s_xr, s_xt, s_xh,  # (x: out)
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     STRIDE_UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -82,56 +102,104 @@ def _suffix_attention_kernel(
     q_col = end - Q + t  # the column of query token t; it sees columns <= q_col
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
 
     r64 = r.to(tl.int64)
     q_off = r64 * (s_qr * STRIDE_UNIT) + hq * (s_qh * STRIDE_UNIT) + t * (s_qt * STRIDE_UNIT)
-    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=mask_md, other=0.0)
 
     lo = tl.maximum(j * split_len, tl.load(start_ptr + r))
+    first_t = tile * BLOCK_M // G
     last_t = (tl.minimum((tile + 1) * BLOCK_M, QG) - 1) // G
     hi = tl.minimum(tl.minimum((j + 1) * split_len, end), end - Q + last_t + 1)
+    # Columns every query of the tile sees: whole tiles of them go without masks, the rest is masked.
+    n_full = tl.maximum(lo, tl.minimum(hi, end - Q + first_t + 1))
+    n_full = lo + (n_full - lo) // BLOCK_N * BLOCK_N
     k_base = k_ptr + r64 * (s_kr * STRIDE_UNIT) + h * (s_kh * STRIDE_UNIT)
     v_base = v_ptr + r64 * (s_vr * STRIDE_UNIT) + h * (s_vh * STRIDE_UNIT)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * (s_kn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * (s_vn * STRIDE_UNIT) + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= q_col[:, None]), s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+    acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, lo, n_full, q_col,
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, False, DOT_PREC)
+    acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, n_full, hi, q_col,
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, True, DOT_PREC)
     o, lse = finish_softmax(acc, m_i, l_i)
 
-    slot = (slot0 + j * R + r).to(tl.int64)
-    o_off = slot * (s_op * STRIDE_UNIT) + t * (s_ot * STRIDE_UNIT) + hq * (s_oh * STRIDE_UNIT)
-    tl.store(o_ptr + o_off[:, None] + offs_d[None, :], o, mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + slot * (s_lp * STRIDE_UNIT) + t * (s_lt * STRIDE_UNIT) + hq, lse, mask=mask_m)
+    o_in = t * (s_ot * STRIDE_UNIT) + hq * (s_oh * STRIDE_UNIT)  # offsets inside one partial slot
+    lse_in = t * (s_lt * STRIDE_UNIT) + hq
+    o_op = s_op.to(tl.int64) * STRIDE_UNIT
+    l_op = s_lp.to(tl.int64) * STRIDE_UNIT
+    if merge != 0:
+        den = tl.where(lse == float("-inf"), 0.0, 1.0)
+        for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
+            o, lse, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_in[:, None] + offs_d[None, :], lse_in,
+                                     mask_m, mask_md, o, lse, den)
+        res = tl.where(den[:, None] > 0.0, o / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+        x_off = r64 * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + hq * (s_xh * STRIDE_UNIT)
+        tl.store(out_ptr + x_off[:, None] + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=mask_md)
+    else:
+        slot = slot0 + j * R + r
+        tl.store(o_ptr + slot * o_op + o_in[:, None] + offs_d[None, :], o, mask=mask_md)
+        tl.store(lse_ptr + slot * l_op + lse_in, lse, mask=mask_m)
 
 
 _launch_suffix = KernelLauncher(_suffix_attention_kernel)
 
 
-def suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, sm_scale: float) -> None:
-    """Split attention over each row's suffix (one launch, grid (R * query tiles, Hkv, n_splits)); see the
-    module docstring. Writes every suffix slot (o = 0, lse = -inf where a query sees no key); no host sync."""
+def tile_config(block_m: int, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a BLOCK_M x BLOCK_D query tile. Decode tiles (BLOCK_M <= 32) use
+    what ``python benchmarks/attention.py --tune`` found fastest on an H100 (bf16, D=128): (32, 4, 3), e.g.
+    2.9 TB/s over 1,024 keys per row; prefill tiles keep (64, 4 or 8, 3)."""
+    if block_d > 128:
+        return 32, 8 if block_m >= 64 else 4, 2
+    if block_m <= 32:
+        return 32, 4, 3
+    return 64, 8 if block_m >= 128 else 4, 3
+
+
+def bind_suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, row_slot_off, out, sm_scale: float,
+                          merge: bool):
+    """``launch(q, suf_k, suf_v, out)`` doing :func:`suffix_attention_merged` (merge=True; needs one split) or
+    :func:`suffix_attention` (merge=False: ``out`` only fixes the variant and is not written) on tensors
+    shaped, strided and aligned like these; the plan, partial buffers and row_slot_off are bound."""
     R, Hq, Q, D = q.shape
     Hkv = suf_k.shape[1]
     G = Hq // Hkv
+    if merge and plan.n_splits != 1:
+        raise ValueError(f"the suffix kernel merges only with one suffix split, got {plan.n_splits}")
     bd = block_d(D)
     bm = min(max(16, triton.next_power_of_2(Q * G)), 64 if bd > 128 else 128)
-    bn = 64 if bd <= 128 else 32
+    bn, num_warps, num_stages = tile_config(bm, bd)
     q_tiles = triton.cdiv(Q * G, bm)
     strides = (*q.stride()[:3], *suf_k.stride()[:3], *suf_v.stride()[:3], *o_part.stride()[:3],
-               *lse_part.stride()[:2])
+               *lse_part.stride()[:2], *(out.stride()[:3] if merge else (0, 0, 0)))
     unit = stride_unit(*strides)
-    _launch_suffix(
+    fixed = (plan.start, row_slot_off, out, o_part, lse_part)
+    launch = _launch_suffix.bind(
         (R * q_tiles, Hkv, plan.n_splits),
-        (q, suf_k, suf_v, plan.start, o_part, lse_part),
-        (sm_scale * LOG2E, R, Q, plan.end, plan.split_len, plan.slot0, q_tiles, *[s // unit for s in strides]),
+        (q, suf_k, suf_v, *fixed),
+        (sm_scale * LOG2E, R, Q, plan.end, plan.split_len, plan.slot0, q_tiles, int(merge),
+         *[s // unit for s in strides]),
         dict(G=G, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, STRIDE_UNIT=unit, DOT_PREC=dot_precision(q.dtype)),
-        num_warps=8 if bm * bd >= 128 * 128 else 4, num_stages=2 if bd >= 256 else 3,
+        num_warps=num_warps, num_stages=num_stages,
     )
+    start, off = plan.start, row_slot_off
+    return lambda q, k, v, out: launch(q, k, v, start, off, out, o_part, lse_part)
+
+
+def suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, sm_scale: float) -> None:
+    """Split attention over each row's suffix (one launch, grid (R * query tiles, Hkv, n_splits)); see the
+    module docstring. Writes every suffix slot (o = 0, lse = -inf where a query sees no key); no host sync."""
+    out = q.new_empty(0)  # not written; any tensor of the model dtype keeps the variant of the merged launcher
+    bind_suffix_attention(q, suf_k, suf_v, plan, o_part, lse_part, plan.start, out, sm_scale, False)(q, suf_k, suf_v,
+                                                                                                     out)
+
+
+def suffix_attention_merged(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, row_slot_off, out,
+                            sm_scale: float) -> None:
+    """One-split suffix attention merged with each row's segment partials into ``out`` (one launch, grid
+    (R * query tiles, Hkv)); row_slot_off as in merge.py. Reads o_part/lse_part's segment slots (written
+    before this launch), writes every element of out, leaves the suffix slots alone; no host sync."""
+    bind_suffix_attention(q, suf_k, suf_v, plan, o_part, lse_part, row_slot_off, out, sm_scale, True)(q, suf_k,
+                                                                                                      suf_v, out)

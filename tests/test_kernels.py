@@ -17,7 +17,8 @@ import torch
 
 from flashforge_hf.kernels.merge import merge_partials, merge_partials_reference
 from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attention, segment_attention_reference
-from flashforge_hf.kernels.suffix_attention import SuffixTasks, suffix_attention, suffix_attention_reference
+from flashforge_hf.kernels.suffix_attention import (SuffixTasks, suffix_attention, suffix_attention_merged,
+                                                    suffix_attention_merged_reference, suffix_attention_reference)
 from flashforge_hf.planner import make_plan
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -222,6 +223,22 @@ def check_forest(f: Forest, plan, dtype):
     merge_partials(o_part, lse_part, row_slot_off, suf.slot0, suf.n_splits, out)
     err = rel_err(out, truth)
     assert err <= limit, f"kernel pipeline error {err:.3g} > {limit:.3g}"
+
+    # One split: the suffix kernel merging the segment partials itself, never reading (nor writing) the
+    # suffix slots; its reference, exact in float64.
+    if suf.n_splits == 1:
+        o_m, lse_m = o_part.clone(), lse_part.clone()
+        o_m[suf.slot0:], lse_m[suf.slot0:] = float("nan"), float("nan")
+        out_m = torch.full((R, Hq, Q, D), float("nan"), dtype=dtype, device=dev).transpose(1, 2)
+        suffix_attention_merged(f.q, f.suf_k, f.suf_v, suf, o_m, lse_m, row_slot_off, out_m, sm_scale)
+        assert torch.isnan(o_m[suf.slot0:]).all() and torch.isnan(lse_m[suf.slot0:]).all()
+        err_m = rel_err(out_m, truth)
+        assert err_m <= limit, f"merged suffix kernel error {err_m:.3g} > {limit:.3g}"
+        o_ref, lse_ref = run_partials(f, plan, kernels=False, dtype=torch.float64)
+        out_ref = torch.full((R, Q, Hq, D), float("nan"), dtype=torch.float64, device=dev)
+        suffix_attention_merged_reference(*(x.double() for x in (f.q, f.suf_k, f.suf_v)), suf, o_ref, lse_ref,
+                                          row_slot_off, out_ref, sm_scale)
+        assert rel_err(out_ref, truth) <= 1e-12, "merged suffix reference in float64"
 
     # References: exact in float64, and within the same rule in the input dtype.
     for ref_dtype, ref_limit in ((torch.float64, 1e-12), (dtype, limit)):

@@ -1,10 +1,12 @@
 """Kernel tests on a CUDA device (run with TRITON_INTERPRET=0; skipped without CUDA).
 
 Same float64 ground truth and 2x-PyTorch-error rule as tests/test_kernels.py, with the CUDA planner's own
-chunking and splitting, in bf16 and fp16; plus a rerun-until-identical race check and a compile-count check
+chunking and splitting, in bf16 and fp16; forest_attention's bound launches (reused across layers, rebound
+for a misaligned tensor, merged or split suffix); a rerun-until-identical race check and a compile-count check
 over 2,000 simulated decode steps.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -12,8 +14,9 @@ import torch
 
 from flashforge_hf.forest import forest_attention
 from flashforge_hf.kernels import _common, merge, segment_attention, suffix_attention
-from flashforge_hf.planner import make_plan
-from test_kernels import check_forest, make_forest, planner_plan, run_partials
+from flashforge_hf.kernels.suffix_attention import SuffixTasks
+from flashforge_hf.planner import ForestPlan, make_plan
+from test_kernels import EPS, check_forest, dense_attention, make_forest, planner_plan, rel_err, run_partials
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,6 +44,47 @@ CASES = {
 def test_vs_float64(name, dtype):
     f = make_forest(len(name), dtype=dtype, device="cuda", **CASES[name])
     check_forest(f, planner_plan(f, "cuda"), dtype)
+
+
+def _forest_call_error(f, plan):
+    """(error of forest_attention on f vs the float64 truth, the 2x-PyTorch limit)."""
+    R, Hq, Q, D, _ = f.dims
+    truth, _ = dense_attention(f, D ** -0.5, torch.float64)
+    base, _ = dense_attention(f, D ** -0.5, f.q.dtype)
+    out = torch.full((R, Q, Hq, D), float("nan"), dtype=f.q.dtype, device="cuda")
+    forest_attention(f.q, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, D ** -0.5, out=out)
+    return rel_err(out, truth), 2 * rel_err(base, truth) + EPS[f.q.dtype]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["merged_suffix", "split_suffix"])
+@pytest.mark.parametrize("name", ["gqa4_d128_decode", "mqa16_d256_prefill", "long_segment"])
+def test_forest_attention_bound_launches(name, split):
+    """One plan, launches bound at the first call and reused: a second layer (same geometry, other data), then
+    a q whose data pointer is not 16-byte aligned (bound anew); with one suffix split (merge inside the suffix
+    kernel) and with the suffix forced to split (merge kernel)."""
+    f = make_forest(len(name), dtype=torch.bfloat16, device="cuda", **CASES[name])
+    R, Hq, Q, D, _ = f.dims
+    start = torch.tensor(f.start, dtype=torch.int32, device="cuda")
+    plan = make_plan(f.paths, f.seg_start, f.seg_len, start, f.end, Q, Hq // f.dims[4], f.dims[4], D, 2,
+                     torch.device("cuda"))
+    split_len = 16 if split else f.end
+    n_splits = -(-f.end // split_len)
+    plan = ForestPlan(plan.segments, SuffixTasks(start, plan.suffix.slot0, f.end, split_len, n_splits),
+                      plan.row_slot_off, plan.suffix.slot0 + n_splits * R, Q)
+    assert (n_splits > 1) == split
+    err, limit = _forest_call_error(f, plan)
+    assert err <= limit, f"first layer: {err:.3g} > {limit:.3g}"
+    f2 = dataclasses.replace(f, **{k: torch.randn_like(getattr(f, k)) for k in ("seg_k", "seg_v", "suf_k", "suf_v")},
+                             q=torch.randn(R, Q, Hq, D, device="cuda", dtype=f.q.dtype).transpose(1, 2))
+    err, limit = _forest_call_error(f2, plan)
+    assert err <= limit, f"second layer: {err:.3g} > {limit:.3g}"
+    assert len(plan.launches) == 1
+    buf = torch.empty(R * Q * Hq * D + 1, device="cuda", dtype=f.q.dtype)
+    q_odd = buf[1:].view(R, Q, Hq, D).transpose(1, 2)
+    q_odd.copy_(f2.q)
+    err, limit = _forest_call_error(dataclasses.replace(f2, q=q_odd), plan)
+    assert err <= limit, f"misaligned q: {err:.3g} > {limit:.3g}"
+    assert len(plan.launches) == 2
 
 
 def test_rerun_identical():

@@ -1,10 +1,16 @@
-"""What the example scripts share: where the project's data lives and how records are read."""
+"""What the example scripts share: where the project's data lives, reading records, the few-shot evaluation loop."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from flashforge_hf import cli
+from flashforge_hf.bench_generate import compare
+from flashforge_hf.models import encode
 
 # The repository's checkout and the shared data sit side by side: <root>/main (this repo) and <root>/shared.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,12 +44,6 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
     """Greedy-generate ``prompts`` in batches of ``args.batch_size`` with stock transformers and with FlashForge
     (stopping at the next "Q:"), print each batch's timing table, then the accuracy of both
     (``is_correct(generated_text, gold)``) and how many generations have identical token ids."""
-    from tqdm.auto import tqdm
-
-    from flashforge_hf import cli
-    from flashforge_hf.bench_generate import compare
-    from flashforge_hf.models import encode
-
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=["Q:", "</s>", "<|im_end|>"],
                tokenizer=tokenizer)
     score = {"stock": 0, "flashforge": 0}
@@ -69,7 +69,7 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
 
 def add_few_shot_args(parser, default_limit: int = 16) -> None:
     """--limit, --batch-size and --verbose of the few-shot evaluations."""
-    parser.add_argument("--limit", type=int, default=default_limit, help=f"first N questions (default {default_limit})")
-    parser.add_argument("--batch-size", type=int, default=16,
+    parser.add_argument("--limit", type=cli.positive_int, default=default_limit, help=f"first N questions (default {default_limit})")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=16,
                         help="questions per batch (default 16); each batch shares the few-shot prefix")
     parser.add_argument("--verbose", action="store_true", help="print every question's generations")

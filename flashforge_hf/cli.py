@@ -19,6 +19,14 @@ from .models import ModelUnavailable, encode, load_model, load_tokenizer, resolv
 
 
 # ---- shared by the subcommands and the examples ----------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool = False, max_new_tokens: int = 64) -> None:
     """The options every generating command takes: model, device, dtype, max new tokens, warm-up."""
     parser.add_argument("--model", required=model_required, metavar="PATH",
@@ -28,7 +36,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool = Fa
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype; default auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                         help=f"new tokens per prompt at most (default {max_new_tokens})")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the two-token warm-up run of each mode before timing (faster, noisier timings)")
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "stock transformers and with FlashForge; print the answers, a table of time to first token, "
                           "time per output token, tokens/s and KV-cache memory, and whether the token ids are identical.")
     add_model_args(demo)
-    demo.add_argument("--num-questions", type=int, default=len(demo_prompts.QUESTIONS),
+    demo.add_argument("--num-questions", type=positive_int, default=len(demo_prompts.QUESTIONS),
                       help=f"how many of the {len(demo_prompts.QUESTIONS)} built-in questions to batch (default all)")
     demo.add_argument("--format", choices=["auto", "chat", "plain"], default="auto",
                       help="chat: exemplars as chat turns through the tokenizer's chat template; plain: 'Q: ...\\nA: ...' "
@@ -198,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen, model_required=True)
     gen.add_argument("--prompts", required=True, metavar="FILE", help="input JSONL file (see above)")
     gen.add_argument("--output", metavar="FILE", help="output JSONL file (default: stdout)")
-    gen.add_argument("--batch-size", type=int, default=64,
+    gen.add_argument("--batch-size", type=positive_int, default=64,
                      help="prompts per batch (default 64); prompts sharing a prefix should be in the same batch")
     gen.add_argument("--chat-template", action="store_true",
                      help='apply the chat template to "prompt" lines too (as one user message)')
@@ -226,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     bgen.add_argument("--model", metavar="PATH", help="a local model folder instead of a random-weight shape")
     bgen.add_argument("--workload", nargs="+", choices=list(bg.WORKLOADS), default=list(bg.WORKLOADS),
                       help="workload presets (default: all)")
-    bgen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], metavar="N",
+    bgen.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16], metavar="N",
                       help="batch sizes to sweep (default 1 4 16)")
     bgen.add_argument("--shared-len", type=int, help="override the workloads' shared prefix length (tokens)")
     bgen.add_argument("--suffix-len", type=int, help="override the workloads' per-row suffix length (tokens)")
-    bgen.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row (default 32)")
+    bgen.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row (default 32)")
     bgen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto")
     bgen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="default auto: bfloat16 on CUDA, float32 on CPU")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +59,9 @@ def smollm2_path() -> str:
         raise ModelUnavailable("Converting the SmolLM2 GGUF weights needs the `gguf` package: pip install gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"Converting {gguf.name} to {out} (once) ...", flush=True)
+    print(f"Converting {gguf.name} to {out} (once) ...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up transformers warns about on BPE tokenizers
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The loaded weights are already dequantized, but the model still carries its GGUF quantizer, which
     # save_pretrained refuses: copy them into a plain model of the same configuration.
@@ -68,6 +71,7 @@ def smollm2_path() -> str:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
     tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted conversion
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(out)  # complete folders only: an interrupted conversion is redone next time

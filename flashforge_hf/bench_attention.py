@@ -438,6 +438,40 @@ def write_results(rows, host, stem: str, command: str, commit: str) -> None:
     lines += ["", "## Targets", ""] + targets(rows, host)
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+    plot(rows, stem + ".png", f"one attention layer, decode, bf16, Hq={HQ} Hkv={HKV} D={D}: {card}, commit {commit}")
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """PNG: per case, time over the memory floor (graph replay) and speedup over SDPA on materialized KV (eager),
+    for ours, ours with sharing off and SDPA. Needs matplotlib (``pip install flashforge-hf[bench]``)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("The bench plot needs matplotlib: pip install matplotlib  (CSV and table were written)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
+    width = 0.8 / len(methods)
+    for ax, key, label in ((axes[0], "graph_over_floor", "graph-replay time / memory floor (lower is better)"),
+                           (axes[1], "speedup_vs_sdpa_eager", "speedup over SDPA on per-row KV (eager)")):
+        for i, m in enumerate(methods):
+            vals = [float(next(r[key] for r in rows if r["case"] == c and r["method"] == m)) for c in cases]
+            ax.bar([x + i * width for x in range(len(cases))], vals, width, label=m)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cases))], cases, rotation=35, ha="right",
+                      fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].axhline(1.5, color="red", linewidth=0.8, linestyle="--", label="target 1.5x")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def tune(rep_ms: int = 20, seed: int = 0) -> list[dict]:

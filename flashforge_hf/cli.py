@@ -175,6 +175,12 @@ def cmd_bench_generate(args) -> int:
     return 0
 
 
+def cmd_bench_attention(argv: list[str]) -> int:
+    from . import bench_attention  # imports the GPU benchmark only when asked for
+
+    return bench_attention.main(argv)
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -245,10 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     bgen.add_argument("--out-dir", default="bench_results", metavar="DIR",
                       help="where bench_generate.csv and bench_generate.png go (default ./bench_results)")
     bgen.set_defaults(func=cmd_bench_generate)
+    batt = bench_sub.add_parser("attention", add_help=False,
+                                help="one attention layer on the GPU: ours vs SDPA on per-row KV, floor, targets",
+                                description="Runs flashforge_hf.bench_attention (needs CUDA); writes CSV, a markdown "
+                                "table and a PNG under benchmarks/results/. Its options: flashforge-hf bench attention --help")
+    batt.add_argument("args", nargs=argparse.REMAINDER, help="passed to the attention benchmark (see its --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "attention"]:  # its own parser, --help included
+        return cmd_bench_attention(argv[2:])
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     return args.func(args)

@@ -26,9 +26,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .forest import forest_attention
-from .planner import ForestPlan, make_plan, plan_segments, plan_suffix_splits
+from .planner import ForestPlan, make_plan, plan_forward, segment_part
 from .prefix_tree import Forest
-from .kernels.suffix_attention import SuffixTasks
 
 ATTN_IMPLEMENTATION = "flashforge"
 
@@ -330,22 +329,11 @@ class PrefixSharingCache(Cache):
             plan = make_plan(paths, self.seg_start, self.seg_len, start, L, Q, G, Hkv, D, itemsize, self.device)
         else:
             key = (Q, G, D, itemsize)
-            if key not in self._seg_plan_cache:
-                self._seg_plan_cache[key] = plan_segments(
+            if key not in self._seg_plan_cache:  # decoding: the segment part is made once, suffixes grow
+                self._seg_plan_cache[key] = segment_part(
                     [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, Hkv, D, itemsize, self.device
                 )
-            seg_tasks, row_slot_off = self._seg_plan_cache[key]
-            split_len, n_splits = plan_suffix_splits(R, Hkv, self._write_hi, Q, self.device)
-            if ("row_slot_off", key) not in self._seg_plan_cache:
-                self._seg_plan_cache[("row_slot_off", key)] = torch.tensor(row_slot_off, dtype=torch.int32).to(self.device)
-            slot0 = row_slot_off[-1]
-            plan = ForestPlan(
-                segments=seg_tasks,
-                suffix=SuffixTasks(self.suffix_start, slot0, self._write_hi, split_len, n_splits),
-                row_slot_off=self._seg_plan_cache[("row_slot_off", key)],
-                n_slots=slot0 + n_splits * R,
-                q_len=Q,
-            )
+            plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._write_hi, Q, Hkv, self.device)
         plan.workspace = self._workspace
         self._plan = plan
         return plan

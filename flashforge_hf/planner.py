@@ -207,6 +207,28 @@ def plan_suffix_splits(num_rows: int, num_kv_heads: int, end: int, q_len: int, d
     return split_len, math.ceil(end / split_len)
 
 
+def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device):
+    """The part of a plan that depends only on the forest and the query length, so that decoding (whose suffixes
+    grow every step) makes it once: (SegmentTasks or None, row_slot_off as Python ints, the same on ``device``)."""
+    seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
+    return seg_tasks, row_slot_off, torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True)
+
+
+def plan_forward(segments, suffix_start: torch.Tensor, suffix_end: int, q_len: int, num_kv_heads: int, device) -> ForestPlan:
+    """A forward pass's plan from its ``segments`` part (see :func:`segment_part`) and where the suffixes end."""
+    seg_tasks, row_slot_off, row_slot_off_dev = segments
+    R = len(row_slot_off) - 1
+    split_len, n_splits = plan_suffix_splits(R, num_kv_heads, suffix_end, q_len, device)
+    slot0 = row_slot_off[-1]
+    return ForestPlan(
+        segments=seg_tasks,
+        suffix=SuffixTasks(start=suffix_start, slot0=slot0, end=suffix_end, split_len=split_len, n_splits=n_splits),
+        row_slot_off=row_slot_off_dev,
+        n_slots=slot0 + n_splits * R,
+        q_len=q_len,
+    )
+
+
 def make_plan(
     paths: list[list[int]],
     seg_start: list[int],
@@ -221,14 +243,5 @@ def make_plan(
     device: torch.device,
 ) -> ForestPlan:
     """Plan one forward pass. ``suffix_start`` is int32 [R] on ``device``; everything else is host data."""
-    R = len(paths)
-    seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
-    split_len, n_splits = plan_suffix_splits(R, num_kv_heads, suffix_end, q_len, device)
-    slot0 = row_slot_off[-1]
-    return ForestPlan(
-        segments=seg_tasks,
-        suffix=SuffixTasks(start=suffix_start, slot0=slot0, end=suffix_end, split_len=split_len, n_splits=n_splits),
-        row_slot_off=torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True),
-        n_slots=slot0 + n_splits * R,
-        q_len=q_len,
-    )
+    segments = segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
+    return plan_forward(segments, suffix_start, suffix_end, q_len, num_kv_heads, device)

@@ -41,6 +41,13 @@ def check_model(model, longest_row: int | None = None) -> None:
             f"Model type '{config.model_type}' is not supported by flashforge (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
             "use attn_implementation='sdpa' for it."
         )
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} - {"cpu", "disk"}
+    if len(devices) > 1:
+        raise NotImplementedError(
+            f"The model is spread over several devices ({', '.join(sorted(devices))}) by device_map: flashforge keeps "
+            "each shared segment on one device and does not support that yet. Use tensor parallelism instead "
+            "(from_pretrained(..., tp_plan='auto') under torchrun), or load the model on one device."
+        )
     dtype = next(model.parameters()).dtype
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"Model dtype {dtype} is not supported (use one of {SUPPORTED_DTYPES}).")

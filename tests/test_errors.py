@@ -114,6 +114,16 @@ def test_refused_features_name_the_feature_and_the_alternative(config, feature):
         check_model(model)
 
 
+def test_device_map_over_several_devices_is_refused(pair):
+    _, ff = pair
+    ff.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
+    try:
+        with pytest.raises(NotImplementedError, match="tp_plan='auto'"):
+            flashforge_hf.generate(ff, *shared_prefix_batch(), max_new_tokens=2)
+    finally:
+        del ff.hf_device_map
+
+
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config
 

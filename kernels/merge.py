@@ -20,20 +20,19 @@ from ._common import KernelLauncher, block_d, merge_slot, stride_unit
 
 
 def merge_partials_reference(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
-    """PyTorch reference of :func:`merge_partials` (same signature)."""
+    """PyTorch reference of :func:`merge_partials` (same signature), all rows at once."""
     bounds = row_slot_off.tolist()
     R = out.shape[0]
-    for r in range(R):
-        slots = list(range(bounds[r], bounds[r + 1])) + [suffix_slot0 + j * R + r for j in range(n_suffix)]
-        lse = lse_part[slots]  # [n, Q, Hq]
-        o = o_part[slots]
-        m = lse.max(dim=0).values
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        w = torch.exp(lse - m)  # exp(-inf) = 0 for empty partials
-        den = w.sum(dim=0)
-        num = (w[..., None] * o).sum(dim=0)
-        res = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0)
-        out[r] = res.to(out.dtype)
+    slots = [list(range(bounds[r], bounds[r + 1])) + [suffix_slot0 + j * R + r for j in range(n_suffix)] for r in range(R)]
+    n = max(map(len, slots))
+    idx = torch.tensor([s + [0] * (n - len(s)) for s in slots], device=o_part.device)  # [R, n], padded with slot 0
+    valid = torch.tensor([[j < len(s) for j in range(n)] for s in slots], device=o_part.device)
+    lse = torch.where(valid[:, :, None, None], lse_part[idx], float("-inf"))  # [R, n, Q, Hq]
+    m = lse.max(dim=1, keepdim=True).values
+    w = torch.exp(lse - torch.where(torch.isfinite(m), m, 0.0))  # exp(-inf) = 0 for empty or padded partials
+    den = w.sum(dim=1)
+    num = torch.where(w[..., None] > 0, w[..., None] * o_part[idx], 0.0).sum(dim=1)  # padding never reads as NaN
+    out.copy_(torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None], 0.0))
 
 
 @triton.jit(do_not_specialize=["R", "Q", "Hq", "slot0", "n_suffix", "s_op", "s_ot", "s_oh", "s_lp", "s_lt", "s_xr",

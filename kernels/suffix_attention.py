@@ -41,7 +41,10 @@ class SuffixTasks(NamedTuple):
 
 
 def suffix_attention_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, sm_scale: float) -> None:
-    """PyTorch reference of :func:`suffix_attention` (same signature); accumulates in float32 or wider."""
+    """PyTorch reference of :func:`suffix_attention` (same signature); accumulates in float32 or wider.
+
+    Query tokens go in blocks that keep each block's score tensor near 64 Mi elements, so that a long prefill
+    (a document of tens of thousands of tokens on the CPU path) never materialises a Q x Q score matrix."""
     R, Hq, Q, D = q.shape
     Hkv = suf_k.shape[1]
     G = Hq // Hkv
@@ -49,20 +52,24 @@ def suffix_attention_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_p
     end = plan.end
     qg = q.to(acc).reshape(R, Hkv, G, Q, D)
     cols = torch.arange(end, device=q.device)
-    qcol = end - Q + torch.arange(Q, device=q.device)
-    visible = (cols[None, None, :] >= plan.start.long()[:, None, None]) & (cols[None, None, :] <= qcol[None, :, None])
+    start = plan.start.long()[:, None, None]
+    slot = plan.slot0 + torch.arange(R, device=q.device)
+    block = max(1, (1 << 26) // max(1, R * Hq * min(end, plan.split_len)))
     for j in range(plan.n_splits):
         lo, hi = j * plan.split_len, min((j + 1) * plan.split_len, end)
         k = suf_k[:, :, lo:hi].to(acc)
         v = suf_v[:, :, lo:hi].to(acc)
-        s = torch.einsum("rhgqd,rhnd->rhgqn", qg, k) * sm_scale
-        s = s.masked_fill(~visible[:, None, None, :, lo:hi], float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, G, Q]
-        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no visible key: all zeros
-        o = torch.einsum("rhgqn,rhnd->rhgqd", p, v)
-        slot = plan.slot0 + j * R + torch.arange(R, device=q.device)
-        o_part[slot] = o.reshape(R, Hq, Q, D).transpose(1, 2).to(o_part.dtype)
-        lse_part[slot] = lse.reshape(R, Hq, Q).transpose(1, 2).to(lse_part.dtype)
+        for t0 in range(0, Q, block):
+            t1 = min(Q, t0 + block)
+            qcol = end - Q + torch.arange(t0, t1, device=q.device)
+            visible = (cols[None, None, lo:hi] >= start) & (cols[None, None, lo:hi] <= qcol[None, :, None])
+            s = torch.einsum("rhgqd,rhnd->rhgqn", qg[:, :, :, t0:t1], k) * sm_scale
+            s = s.masked_fill(~visible[:, None, None], float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, G, t1 - t0]
+            p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no visible key: all zeros
+            o = torch.einsum("rhgqn,rhnd->rhgqd", p, v)
+            o_part[slot + j * R, t0:t1] = o.reshape(R, Hq, t1 - t0, D).transpose(1, 2).to(o_part.dtype)
+            lse_part[slot + j * R, t0:t1] = lse.reshape(R, Hq, t1 - t0).transpose(1, 2).to(lse_part.dtype)
 
 
 def suffix_attention_merged_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, row_slot_off, out,

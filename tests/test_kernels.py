@@ -316,3 +316,21 @@ def test_merge_kernel(D):
     merge_partials(o_part, lse_part, row_slot_off, slot0, n_suffix, out)
     assert rel_err(out, ref) <= 1e-6
     assert out[1, 0, 2].abs().max() == 0
+
+
+def test_suffix_reference_blocks_long_prefill_queries():
+    """A 1,500-token causal prefill with 32 query heads is computed in two query blocks: still exact."""
+    from flashforge_hf.kernels.suffix_attention import SuffixTasks, suffix_attention_reference
+
+    torch.manual_seed(0)
+    R, Hkv, G, Q, D = 1, 1, 32, 1500, 16
+    assert (1 << 26) // (R * Hkv * G * Q) < Q  # the reference really splits the queries
+    q = torch.randn(R, Hkv * G, Q, D, dtype=torch.float64)
+    k, v = torch.randn(R, Hkv, Q, D, dtype=torch.float64), torch.randn(R, Hkv, Q, D, dtype=torch.float64)
+    o_part = torch.full((1, Q, Hkv * G, D), float("nan"), dtype=torch.float64)
+    lse_part = torch.full((1, Q, Hkv * G), float("nan"), dtype=torch.float64)
+    plan = SuffixTasks(start=torch.zeros(R, dtype=torch.int32), slot0=0, end=Q, split_len=Q, n_splits=1)
+    suffix_attention_reference(q, k, v, plan, o_part, lse_part, 0.25)
+    truth = torch.nn.functional.scaled_dot_product_attention(q, k.expand(R, G, Q, D), v.expand(R, G, Q, D),
+                                                             is_causal=True, scale=0.25)
+    torch.testing.assert_close(o_part[0], truth[0].transpose(0, 1), atol=1e-10, rtol=0)

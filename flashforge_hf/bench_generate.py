@@ -1,14 +1,16 @@
 """End-to-end generation: stock transformers vs FlashForge on the same batch, and the ``bench generate`` sweep.
 
 Stock is ``model.generate`` with attn_implementation="sdpa" and its default DynamicCache; FlashForge is
-:func:`flashforge_hf.generate` with attn_implementation="flashforge". One model serves both: :func:`attention`
+:func:`flashforge_hf.generate` with attn_implementation="flashforge"; "reuse" is the prefix-reuse pattern of the
+transformers docs (:func:`reuse_generate`). One model serves both: :func:`attention`
 switches its attention implementation for the stock run, so both runs use the same weights and the memory of
 one model.
 
 Measured per run (:class:`Run`):
     time to first token (TTFT)  from the call to the moment the first token's logits exist (a logits processor
                                 timestamps its first call, after a CUDA synchronize), so it includes the prefill;
-    time per output token       (total - TTFT) / (decode steps - 1);
+    time per output token       (total - TTFT) / (decode steps - 1); ``tpot_median_s``: the median of the
+                                per-step intervals between the logits processor's timestamps;
     tokens/s                    generated tokens of all rows (up to and including each row's EOS) / total time;
     KV-cache bytes              the cache's K/V tensors after generation (DynamicCache: its keys and values;
                                 PrefixSharingCache: ``nbytes()``, shared segments once plus suffix buffers);
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import flashforge_hf
 
-STOCK, FLASHFORGE = "stock", "flashforge"
+STOCK, FLASHFORGE, REUSE, EXPLICIT = "stock", "flashforge", "reuse", "flashforge-explicit"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Run:
     total_s: float
     kv_bytes: int
     peak_bytes: int | None
+    step_s: list[float] = field(default_factory=list, repr=False)  # intervals between consecutive decode steps
 
     @property
     def steps(self) -> int:
@@ -57,6 +61,10 @@ class Run:
         return (self.total_s - self.ttft_s) / max(self.steps - 1, 1)
 
     @property
+    def tpot_median_s(self) -> float:
+        return statistics.median(self.step_s) if self.step_s else self.tpot_s
+
+    @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.total_s
 
@@ -68,22 +76,34 @@ class Run:
 
 
 class _StepClock(LogitsProcessor):
-    """Records when generate first asks for logits processing (the first token's logits exist then), and ticks
-    an optional progress bar once per decode step."""
+    """Timestamps every call of generate's logits processing (the first: the first token's logits exist) and
+    ticks an optional progress bar once per decode step. On CUDA the stamps are CUDA events (no host sync; the
+    GPU timeline, idle gaps included), elsewhere ``perf_counter``; :meth:`seconds` reads them after the call."""
 
     def __init__(self, device: torch.device, bar=None):
-        self.device = device
+        self.cuda = device.type == "cuda"
         self.bar = bar
-        self.time: float | None = None
+        self.marks: list = []
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def __call__(self, input_ids, scores):
         if self.bar is not None:
             self.bar.update()
-        if self.time is None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.time = time.perf_counter()
+        self.marks.append(self.mark())
         return scores
+
+    def seconds(self, start) -> list[float]:
+        """Each stamp's time since ``start`` (a :meth:`mark`), in seconds; on CUDA after a synchronize."""
+        if not self.cuda:
+            return [m - start for m in self.marks]
+        torch.cuda.synchronize()
+        return [start.elapsed_time(m) / 1e3 for m in self.marks]
 
 
 @contextlib.contextmanager
@@ -123,13 +143,72 @@ def _stop_ids(model) -> list[int]:
     return ids
 
 
+def common_prefix_len(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """Columns, from the left, that every row holds as the same real (unpadded) token."""
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
+    return int(same.cumprod(0).sum())
+
+
+def rows_per_prompt(model, generate_kwargs: dict) -> int:
+    """Rows generate makes of each prompt: ``num_beams``, else ``num_return_sequences`` (default 1)."""
+    gc = model.generation_config
+    beams = generate_kwargs.get("num_beams") or gc.num_beams or 1
+    return beams if beams > 1 else generate_kwargs.get("num_return_sequences") or gc.num_return_sequences or 1
+
+
+def stock_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """Stock transformers: ``model.generate`` with sdpa attention and its default DynamicCache."""
+    with torch.inference_mode(), attention(model, "sdpa"):
+        return model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+
+def reuse_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """The prefix-reuse pattern of the transformers docs ("re-use a prompt cache"), for a batch: the columns
+    common to all rows (but the last) run through the model once into a DynamicCache, whose K/V are repeated to
+    every row (and every copy of ``num_return_sequences``/``num_beams``), then ``model.generate`` continues from
+    it on the full prompts (it prefills only the columns after the cached prefix)."""
+    from transformers import DynamicCache
+
+    prefix = min(common_prefix_len(input_ids, attention_mask), input_ids.shape[1] - 1)
+    copies = rows_per_prompt(model, generate_kwargs)
+    kw = flashforge_hf.cache_kwarg(model)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), attention(model, "sdpa"):
+        if prefix:
+            model(input_ids=input_ids[:1, :prefix], use_cache=True, logits_to_keep=1, **{kw: cache})
+            cache.batch_repeat_interleave(input_ids.shape[0] * copies)
+        return model.generate(input_ids, attention_mask=attention_mask, **{kw: cache}, **generate_kwargs)
+
+
+def explicit_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """FlashForge's explicit path, always one batch: :func:`flashforge_hf.prefill_shared`, then
+    ``model.generate`` on the cache (where :func:`flashforge_hf.generate` would split a batch too large for free
+    memory, this one runs it or runs out of memory)."""
+    copies = rows_per_prompt(model, generate_kwargs)
+    cache, inputs = flashforge_hf.prefill_shared(model, input_ids, attention_mask, num_copies=copies,
+                                                 max_new_tokens=generate_kwargs.get("max_new_tokens"))
+    return model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, **generate_kwargs)
+
+
+def flashforge_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """FlashForge: :func:`flashforge_hf.generate`."""
+    return flashforge_hf.generate(model, input_ids, attention_mask, **generate_kwargs)
+
+
+GENERATORS = {STOCK: stock_generate, FLASHFORGE: flashforge_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate}
+
+
 def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | None = None, progress: bool = False,
                  **generate_kwargs) -> Run:
-    """One timed generate call: ``mode`` "stock" (sdpa + DynamicCache, ``model.generate``) or "flashforge"
-    (:func:`flashforge_hf.generate`). ``model`` must be loaded with attn_implementation="flashforge". ``seed``
-    seeds torch right before the call (sampling); ``progress`` shows a bar of decode steps."""
+    """One timed generate call by ``mode``, a key of :data:`GENERATORS`: "stock" (sdpa + DynamicCache,
+    ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "reuse" (:func:`reuse_generate`) or
+    "flashforge-explicit" (:func:`explicit_generate`). ``model`` must be loaded with
+    attn_implementation="flashforge". ``seed`` seeds torch right before the call (sampling); ``progress`` shows
+    a bar of decode steps."""
     from tqdm.auto import tqdm
 
+    if mode not in GENERATORS:
+        raise ValueError(f"mode must be one of {', '.join(GENERATORS)}, got {mode!r}.")
     device = input_ids.device
     bar = tqdm(total=generate_kwargs.get("max_new_tokens"), desc=f"{mode} generate", unit="tok", leave=False,
                disable=not progress)
@@ -142,24 +221,18 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
         before = torch.cuda.memory_allocated(device)
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.inference_mode() if mode == STOCK else contextlib.nullcontext():
-        start = time.perf_counter()
-        if mode == STOCK:
-            with attention(model, "sdpa"):
-                out = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-        elif mode == FLASHFORGE:
-            out = flashforge_hf.generate(model, input_ids, attention_mask, **kwargs)
-        else:
-            raise ValueError(f"mode must be {STOCK!r} or {FLASHFORGE!r}, got {mode!r}.")
-        if cuda:
-            torch.cuda.synchronize(device)
-        total = time.perf_counter() - start
+    start, start_mark = time.perf_counter(), clock.mark()
+    out = GENERATORS[mode](model, input_ids, attention_mask, **kwargs)
+    if cuda:
+        torch.cuda.synchronize(device)
+    total = time.perf_counter() - start
     bar.close()
+    stamps = clock.seconds(start_mark)
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
     prompt_len = input_ids.shape[1]
     new = generated_ids(out.sequences, prompt_len, _stop_ids(model))
-    return Run(mode, out.sequences.cpu(), prompt_len, new, (clock.time or start + total) - start, total,
-               kv_bytes(out.past_key_values), peak)
+    return Run(mode, out.sequences.cpu(), prompt_len, new, stamps[0] if stamps else total, total,
+               kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 
 
 def compare(model, input_ids, attention_mask, *, warmup: bool = True, seed: int | None = None,

@@ -181,6 +181,12 @@ def cmd_bench_attention(argv: list[str]) -> int:
     return bench_attention.main(argv)
 
 
+def cmd_bench_e2e(argv: list[str]) -> int:
+    from . import bench_e2e
+
+    return bench_e2e.main(argv)
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -256,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Runs flashforge_hf.bench_attention (needs CUDA); writes CSV, a markdown "
                                 "table and a PNG under benchmarks/results/. Its options: flashforge-hf bench attention --help")
     batt.add_argument("args", nargs=argparse.REMAINDER, help="passed to the attention benchmark (see its --help)")
+    be2e = bench_sub.add_parser("e2e", add_help=False,
+                                help="end-to-end generate on Llama-3 8B/1B shapes: stock, chunked, prefix reuse, ours",
+                                description="Runs flashforge_hf.bench_e2e (benchmarks/generate.py): workloads, "
+                                "correctness checks, decode-step profile, capacity search; CSV, markdown and PNG under "
+                                "benchmarks/results/. Its options: flashforge-hf bench e2e --help")
+    be2e.add_argument("args", nargs=argparse.REMAINDER, help="passed to the end-to-end benchmark (see its --help)")
     return parser
 
 
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "attention"]:  # its own parser, --help included
         return cmd_bench_attention(argv[2:])
+    if argv[:2] == ["bench", "e2e"]:
+        return cmd_bench_e2e(argv[2:])
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     return args.func(args)

@@ -1,0 +1,670 @@
+"""End-to-end generate benchmark (issue 4): random-weight Llama models at real shapes, stock vs prefix reuse
+vs FlashForge on shared-prefix workloads, with correctness checks, a decode-step profile and a capacity search.
+
+Workloads (:data:`WORKLOADS`; random token ids, every row the same length so nothing is padded; a fixed
+number of new tokens per row, EOS ignored through ``min_new_tokens``):
+    doc-qa-4k / doc-qa-16k   one 4,096 (16,384)-token document, 64 (16) questions of 64 tokens, 128 new;
+    few-shot-1b / -8b        a 650-token 8-shot prefix, 256 questions of 64 tokens, 256 new;
+    parallel-sampling        one 2,048-token prompt, num_return_sequences=64, sampling, 256 new;
+    tree                     a 1,024-token system prompt, 8 documents of 2,048 tokens, 8 questions of 64 each;
+    no-sharing               64 distinct 1,024-token prompts.
+Methods (:func:`flashforge_hf.bench_generate.run_generate`): "stock" (sdpa, DynamicCache), "stock-chunked"
+(the same with ``prefill_chunk_size``, on the document workloads), "reuse" (the prefix-reuse pattern of the
+transformers docs: the prefix common to all rows prefilled once and its cache repeated to every row; not run
+where no prefix is common), "flashforge" (:func:`flashforge_hf.generate`). A method that runs out of memory
+is recorded as "OOM".
+
+Per workload and method: TTFT (from the call to the first token's logits), median time per output token (the
+intervals between a logits processor's CUDA-event stamps), tokens/s (rows x new tokens / total), peak CUDA
+memory of the call, KV-cache bytes after it; per workload the unique KV bytes (each distinct prompt token once,
+plus every row's new tokens) and the floor of a decode step: (weight bytes + unique KV bytes at the middle of
+the generation) / 3.0 TB/s. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
+so its kernels compile for the timed shapes; the torch baselines on two prompts).
+
+Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (decode
+steps on a PrefixSharingCache) and stock (one sdpa pass) in the model's dtype against an fp32 copy of the model:
+ours passes when its relative L2 error is at most 2x stock's. Greedy agreement: the share of rows whose first
+16 new tokens equal stock's (from the timed greedy runs; for the sampling workload from greedy runs of its
+prompt); the stock side is the first of stock, stock-chunked, reuse that ran; passes at 90%.
+
+"capacity": with an 8,192-token shared document and 64-token questions, the largest batch each side runs in
+one batch (stock-chunked; FlashForge's explicit path, which never splits a batch) and its throughput there.
+"profile": one decode step of ours on --profile-workload: GPU time by kernel group, our host time per layer,
+host syncs, reallocations and plans per step (:func:`profile_decode_step`).
+
+    python benchmarks/generate.py --workloads doc-qa-4k profile          # on a GPU; see --help
+    python benchmarks/generate.py --scale tiny --out-dir /tmp/e2e        # the whole pipeline on CPU, seconds
+
+Results (CSV, markdown with the targets, PNG) go to ``--out-dir`` (default benchmarks/results) as
+``generate_<card>.*``; rows of workloads already there from an earlier run are kept, those run now replace them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import gc
+import json
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import flashforge_hf
+from flashforge_hf import bench_generate as bg
+from flashforge_hf import cache as ff_cache
+
+BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
+FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
+GREEDY_SHARE = 0.9
+STOCK_CHUNKED = "stock-chunked"
+METHODS = (bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.FLASHFORGE)
+OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A prompt tree: ``levels[i] = (tokens, fanout)``: each node of level i-1 (one root above level 0) has
+    ``fanout`` children of ``tokens`` random tokens; every leaf is one prompt (all prompts equally long)."""
+
+    name: str
+    shape: str  # bench_generate.SHAPES key
+    levels: tuple
+    new_tokens: int
+    copies: int = 1  # num_return_sequences, with sampling
+    chunk: int | None = None  # prefill_chunk_size of the stock-chunked baseline
+
+    @property
+    def prompts(self) -> int:
+        return math.prod(f for _, f in self.levels)
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.copies
+
+    @property
+    def prompt_len(self) -> int:
+        return sum(t for t, _ in self.levels)
+
+    @property
+    def unique_prompt_tokens(self) -> int:
+        return sum(t * math.prod(f for _, f in self.levels[: i + 1]) for i, (t, _) in enumerate(self.levels))
+
+    def methods(self) -> list[str]:
+        shared = self.levels[0][1] == 1
+        return [m for m in METHODS if (m != STOCK_CHUNKED or self.chunk) and (m != bg.REUSE or shared)]
+
+    def generate_kwargs(self) -> dict:
+        kw = dict(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=self.copies > 1)
+        if self.copies > 1:
+            kw["num_return_sequences"] = self.copies
+        return kw
+
+    def batch(self, vocab: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` of the prompts (token ids drawn from [3, vocab))."""
+        g = torch.Generator().manual_seed(seed)
+        parts, nodes = [], 1
+        for tokens, fanout in self.levels:
+            nodes *= fanout
+            level = torch.randint(3, vocab, (nodes, tokens), generator=g)
+            parts.append(level.repeat_interleave(self.prompts // nodes, 0))
+        ids = torch.cat(parts, 1).to(device)
+        return ids, torch.ones_like(ids)
+
+    def scaled(self, scale: str) -> "Workload":
+        """``full``: as defined; ``tiny``: lengths / 32 (at least 4), fanouts and copies at most 4, at most 8 new
+        tokens, the tiny model: the whole pipeline on a CPU in seconds."""
+        if scale == "full":
+            return self
+        return replace(self, shape="tiny", levels=tuple((max(4, t // 32), min(f, 4)) for t, f in self.levels),
+                       new_tokens=min(self.new_tokens, 8), copies=min(self.copies, 4),
+                       chunk=self.chunk and self.chunk // 32)
+
+
+def _doc(name, doc, questions, shape="llama-8b", new=128, chunk=1024):
+    return Workload(name, shape, ((doc, 1), (64, questions)), new, chunk=chunk)
+
+
+WORKLOADS = {w.name: w for w in [
+    _doc("doc-qa-4k", 4096, 64),
+    _doc("doc-qa-16k", 16384, 16),
+    _doc("few-shot-1b", 650, 256, "llama-1b", 256, None),
+    _doc("few-shot-8b", 650, 256, "llama-8b", 256, None),
+    Workload("parallel-sampling", "llama-8b", ((2048, 1),), 256, copies=64),
+    Workload("tree", "llama-8b", ((1024, 1), (2048, 8), (64, 8)), 128),
+    Workload("no-sharing", "llama-8b", ((1024, 64),), 128),
+]}
+CAPACITY = _doc("capacity", 8192, 1)  # the batch (questions) is searched
+CAPACITY_METHODS = (STOCK_CHUNKED, bg.EXPLICIT)
+EXTRA = ("capacity", "profile")
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def kv_per_token(model) -> int:
+    cfg = model.config
+    hkv = cfg.num_key_value_heads or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * hkv * d * next(model.parameters()).element_size()
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def run_method(model, wl: Workload, method: str, ids, mask, seed: int = 0, **overrides) -> bg.Run:
+    """One timed generate of ``wl`` by ``method`` (a METHODS name or "flashforge-explicit")."""
+    kw = dict(wl.generate_kwargs(), **overrides)
+    mode = bg.STOCK if method == STOCK_CHUNKED else method
+    if method == STOCK_CHUNKED:
+        kw["prefill_chunk_size"] = wl.chunk
+    return bg.run_generate(model, ids, mask, mode, seed=seed, **kw)
+
+
+def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmup: bool = True) -> bg.Run | str:
+    """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
+    try:
+        if warmup:
+            warm = (ids, mask) if method in (bg.FLASHFORGE, bg.EXPLICIT) else (ids[:2], mask[:2])
+            run_method(model, wl, method, *warm, max_new_tokens=2, min_new_tokens=2)
+        return min((run_method(model, wl, method, ids, mask) for _ in range(repeats)), key=lambda r: r.total_s)
+    except OOM_ERRORS:
+        return "OOM"
+    finally:
+        free_memory()
+
+
+def run_metrics(run: bg.Run) -> dict:
+    tokens = run.sequences.shape[0] * run.steps
+    return dict(status="ok", ttft_ms=run.ttft_s * 1e3, tpot_ms=run.tpot_median_s * 1e3,
+                tokens_per_s=tokens / run.total_s, total_s=run.total_s, kv_gib=run.kv_bytes / 2**30,
+                peak_gib=None if run.peak_bytes is None else run.peak_bytes / 2**30)
+
+
+# ---- correctness checks ------------------------------------------------------------------------------------------
+def check_rows(prompts: int, n: int) -> list[int]:
+    """``n`` prompt indices: pairs of neighbours spread over the batch (so a tree keeps shared subtrees)."""
+    starts = [i * prompts // max(1, n // 2) for i in range(max(1, n // 2))]
+    return sorted({r for s in starts for r in (s, s + 1) if r < prompts})[:n]
+
+
+def teacher_forced(model, ids, forced, ours: bool) -> torch.Tensor:
+    """Logits [rows, steps, V] (float32) predicting each forced token: decode steps on a PrefixSharingCache
+    (ours), else one sdpa pass per row over prompt + forced tokens."""
+    n = forced.shape[1]
+    if ours:
+        cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=n)
+        kw, step_in, out = flashforge_hf.cache_kwarg(model), ids[:, -1:], []
+        for j in range(n):
+            out.append(model(input_ids=step_in, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float())
+            step_in = forced[:, j : j + 1]
+        return torch.stack(out, 1)
+    with bg.attention(model, "sdpa"):
+        return torch.cat([model(input_ids=torch.cat([i, f]).unsqueeze(0), logits_to_keep=n + 1).logits[:, :-1].float()
+                          for i, f in zip(ids, forced)])
+
+
+def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
+    """Relative L2 error of ours and of stock against an fp32 copy of the model (see the module docstring)."""
+    sub = ids[check_rows(wl.prompts, rows)]
+    g = torch.Generator().manual_seed(seed + 1)
+    forced = torch.randint(3, model.config.vocab_size, (sub.shape[0], FORCED), generator=g).to(ids.device)
+    with torch.no_grad():
+        ours = teacher_forced(model, sub, forced, ours=True)
+        stock = teacher_forced(model, sub, forced, ours=False)
+        free_memory()
+        reference = copy.deepcopy(model).float()
+        ref = teacher_forced(reference, sub, forced, ours=False)
+        del reference
+    free_memory()
+    err_stock = float((stock - ref).norm() / ref.norm())
+    err_ours = float((ours - ref).norm() / ref.norm())
+    return dict(check_rows=sub.shape[0], logit_err_stock=err_stock, logit_err_ours=err_ours,
+                logits_ok=err_ours <= 2 * err_stock + 1e-6)
+
+
+def greedy_agreement(a: bg.Run, b: bg.Run) -> float:
+    n = min(FORCED, a.steps, b.steps)
+    first = a.prompt_len
+    return float((a.sequences[:, first : first + n] == b.sequences[:, first : first + n]).all(1).float().mean())
+
+
+def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
+    """Share of rows whose first 16 greedy tokens equal stock's (the first of stock, stock-chunked and reuse
+    that ran: all three are transformers' sdpa math)."""
+    stock = next((runs[m] for m in (bg.STOCK, STOCK_CHUNKED, bg.REUSE) if isinstance(runs.get(m), bg.Run)), None)
+    ours = runs.get(bg.FLASHFORGE)
+    if wl.copies > 1:  # sampling: greedy runs of the prompts themselves
+        greedy = replace(wl, copies=1, new_tokens=min(FORCED, wl.new_tokens))
+        try:
+            stock, ours = (run_method(model, greedy, m, ids, mask) for m in (bg.STOCK, bg.FLASHFORGE))
+        except OOM_ERRORS:
+            stock = None
+        free_memory()
+    if not isinstance(stock, bg.Run) or not isinstance(ours, bg.Run):
+        return dict(greedy_agree=None, greedy_ok=None)
+    share = greedy_agreement(stock, ours)
+    return dict(greedy_agree=share, greedy_ok=share >= GREEDY_SHARE)
+
+
+# ---- one workload ------------------------------------------------------------------------------------------------
+def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int = 4) -> list[dict]:
+    """Checks, then every method of ``wl``: one result dict per method."""
+    device = model.get_input_embeddings().weight.device
+    ids, mask = wl.batch(model.config.vocab_size, device)
+    per_token = kv_per_token(model)
+    unique = per_token * (wl.unique_prompt_tokens + wl.rows * wl.new_tokens)
+    middle = per_token * (wl.unique_prompt_tokens + wl.rows * wl.new_tokens // 2)
+    base = dict(workload=wl.name, model=wl.shape, rows=wl.rows, prompt_len=wl.prompt_len, new_tokens=wl.new_tokens,
+                unique_kv_gib=unique / 2**30, floor_ms=(weight_bytes(model) + middle) / BANDWIDTH * 1e3)
+    try:
+        checks = logits_check(model, wl, ids, check_rows_n)
+    except OOM_ERRORS:
+        checks = dict(logits_ok="OOM")
+        free_memory()
+    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods()}
+    checks.update(greedy_check(model, wl, ids, mask, runs))
+    return [dict(base, method=m, **(run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)), **checks)
+            for m, r in runs.items()]
+
+
+# ---- capacity ----------------------------------------------------------------------------------------------------
+def largest_batch(probe, max_batch: int, guess: int = 1, tol: float = 0.05):
+    """The largest batch ``b`` <= ``max_batch`` for which ``probe(b)`` returns a run rather than None (out of
+    memory), within ``tol`` (relative), assuming fits are monotone: ``(b, run)``, ``(0, None)`` if none fits.
+    Starts at ``guess``, grows by 1.25x until a failure, then bisects."""
+    lo, hi, best = 0, max_batch + 1, None
+    b = max(1, min(guess, max_batch))
+    while hi - lo > max(1, int(tol * lo)):
+        run = probe(b)
+        if run is None:
+            hi = b
+        else:
+            lo, best = b, run
+        b = (lo + hi) // 2 if hi <= max_batch or lo * 5 // 4 >= hi else min(max_batch, max(lo + 1, lo * 5 // 4))
+    return lo, best
+
+
+def capacity(model, wl: Workload, max_batch: int, tol: float = 0.05) -> list[dict]:
+    """Per side (stock-chunked, FlashForge one batch): the largest batch of ``wl`` (questions under its shared
+    document) that runs, and tokens/s there. On CUDA the search starts at a guess from the peak memory of
+    batches 1 and 2; elsewhere (no memory limit) at ``max_batch``."""
+    rows = []
+    for method in CAPACITY_METHODS:
+        def probe(b):
+            w = replace(wl, levels=(wl.levels[0], (wl.levels[1][0], b)))
+            ids, mask = w.batch(model.config.vocab_size, model.device)
+            run = measure(model, w, method, ids, mask, warmup=False)
+            return run if isinstance(run, bg.Run) else None
+
+        guess = max_batch
+        if model.device.type == "cuda":
+            one, two = probe(1), probe(2)
+            if one and two and two.peak_bytes > one.peak_bytes:
+                free, _ = torch.cuda.mem_get_info()
+                per_row = two.peak_bytes - one.peak_bytes
+                guess = int((free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+                             - one.peak_bytes + per_row) / per_row * 0.95)
+        b, run = largest_batch(probe, max_batch, guess, tol)
+        if run:  # timed again after a warm-up at that batch
+            w = replace(wl, levels=(wl.levels[0], (wl.levels[1][0], b)))
+            run = measure(model, w, method, *w.batch(model.config.vocab_size, model.device))
+            run = run if isinstance(run, bg.Run) else None
+        row = dict(workload=wl.name, model=wl.shape, rows=b, prompt_len=wl.prompt_len, new_tokens=wl.new_tokens,
+                   method=method)
+        rows.append(dict(row, **(run_metrics(run) if run else dict(status="OOM"))))
+    return rows
+
+
+# ---- profile -----------------------------------------------------------------------------------------------------
+GROUPS = (("attention", ("attention", "merge", "suffix", "segment", "flash", "fmha")),
+          ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "aten::mm", "aten::addmm", "aten::bmm")))
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((g for g, keys in GROUPS if any(k in low for k in keys)), "rest")
+
+
+@contextmanager
+def instrument():
+    """Time our code per call (host): PrefixSharingCache.update, HandOff.run (plan + attention launches) and
+    _plan_for; count plan_forward calls; warn on host syncs inside them (CUDA). Yields the tallies."""
+    tally = {"update_s": 0.0, "attention_s": 0.0, "plan_s": 0.0, "plans": 0}
+    originals = {(ff_cache.PrefixSharingCache, "update"): "update_s", (ff_cache.HandOff, "run"): "attention_s",
+                 (ff_cache.PrefixSharingCache, "_plan_for"): "plan_s"}
+    cuda = torch.cuda.is_available()
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            mode = torch.cuda.get_sync_debug_mode() if cuda else None
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                tally[key] += time.perf_counter() - t
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(mode)
+        return wrapper
+
+    plan_forward = ff_cache.plan_forward
+
+    def counted(*args, **kwargs):
+        tally["plans"] += 1
+        return plan_forward(*args, **kwargs)
+
+    saved = {k: getattr(*k) for k in originals}
+    try:
+        for (cls, name), key in originals.items():
+            setattr(cls, name, timed(saved[(cls, name)], key))
+        ff_cache.plan_forward = counted
+        yield tally
+    finally:
+        for (cls, name), fn in saved.items():
+            setattr(cls, name, fn)
+        ff_cache.plan_forward = plan_forward
+
+
+def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
+    """One decode step of ours on ``wl`` (prefilled with prefill_shared, then model forward steps as generate
+    runs them): GPU (CPU off CUDA) time per kernel group from torch.profiler; our host time per layer per step
+    (cache update, planning, attention launches: mean of ``steps`` steps, each followed by a synchronize);
+    host syncs in our code, cudaMalloc calls and suffix-buffer moves during the steps, plans per step."""
+    device = model.get_input_embeddings().weight.device
+    cuda = device.type == "cuda"
+    ids, _ = wl.batch(model.config.vocab_size, device)
+    kw = flashforge_hf.cache_kwarg(model)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=2 * steps + 4)
+        tok = ids[:, -1:]
+
+        def step(tok):
+            logits = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize()
+
+        for _ in range(2):
+            tok = step(tok)
+        sync()
+        ptr = cache.layers[0].suf_k.data_ptr()
+        mallocs = torch.cuda.memory_stats().get("segment.all.allocated", 0) if cuda else 0
+        with warnings.catch_warnings(record=True) as caught, instrument() as tally:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                tok = step(tok)
+                sync()
+        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+        mallocs = (torch.cuda.memory_stats().get("segment.all.allocated", 0) - mallocs) if cuda else 0
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            tok = step(tok)
+            sync()
+    groups = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
+    for e in prof.key_averages():
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if on_device == cuda and (cuda or e.key.startswith("aten::")):
+            us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+            groups[kernel_group(e.key)] += (us or getattr(e, "self_cuda_time_total", 0)) / 1e3
+    per_layer = lambda key: tally[key] / (steps * layers) * 1e6  # noqa: E731
+    return dict(workload=wl.name, model=wl.shape, rows=wl.rows, timeline="GPU" if cuda else "CPU",
+                **{f"{g}_ms": v for g, v in groups.items()}, step_ms=sum(groups.values()),
+                host_update_us_per_layer=per_layer("update_s"), host_plan_us_per_layer=per_layer("plan_s"),
+                host_attention_us_per_layer=per_layer("attention_s") - per_layer("plan_s"),
+                host_us_per_layer=per_layer("update_s") + per_layer("attention_s"),
+                plans_per_step=tally["plans"] / steps, host_syncs=syncs, cuda_mallocs=mallocs,
+                suffix_buffer_moved=cache.layers[0].suf_k.data_ptr() != ptr)
+
+
+# ---- results -----------------------------------------------------------------------------------------------------
+COLUMNS = ["workload", "model", "rows", "prompt_len", "new_tokens", "method", "status", "ttft_ms", "tpot_ms",
+           "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "check_rows",
+           "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_ok", "card", "date", "commit",
+           "command"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows of workloads not in ``new``, then ``new``."""
+    done = {r["workload"] for r in new}
+    return [r for r in old if r["workload"] not in done] + new
+
+
+def _num(row: dict, key: str) -> float | None:
+    v = row.get(key)
+    try:
+        return float(v) if v not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def _cell(v) -> str:
+    x = _num({"v": v}, "v")
+    if x is None:
+        return str(v) if v not in (None, "", "None") else "-"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def _find(rows, workload, method):
+    return next((r for r in rows if r["workload"] == workload and r["method"] == method and r.get("status") == "ok"), None)
+
+
+def _ratio(rows, workload, base_methods, key, ours=bg.FLASHFORGE):
+    """Best baseline's ``key`` over ours (time-like keys: >1 means ours is faster)."""
+    o = _find(rows, workload, ours)
+    base = [_num(r, key) for m in base_methods if (r := _find(rows, workload, m))]
+    if not o or not base or not _num(o, key):
+        return None
+    return min(base) / _num(o, key)
+
+
+def targets(rows: list[dict], profile: dict | None) -> list[str]:
+    """The issue's targets (H100, 8B, eager) with measured values; "not run" where data is missing."""
+    def line(name, value, goal, ok):
+        if value is None:
+            return f"- {name}: not run"
+        return f"- {name}: {value:.2f} (target {goal}) {'PASS' if ok(value) else 'FAIL'}"
+
+    stock = (bg.STOCK, STOCK_CHUNKED)
+    out = [line("doc-qa-4k TPOT, reuse / ours", _ratio(rows, "doc-qa-4k", [bg.REUSE], "tpot_ms"), ">= 1.8", lambda v: v >= 1.8),
+           line("doc-qa-4k TTFT, stock-chunked / ours", _ratio(rows, "doc-qa-4k", [STOCK_CHUNKED], "ttft_ms"), ">= 20", lambda v: v >= 20),
+           line("doc-qa-4k TTFT, reuse / ours", _ratio(rows, "doc-qa-4k", [bg.REUSE], "ttft_ms"), ">= 2", lambda v: v >= 2)]
+    for w in ("doc-qa-16k", "tree", "parallel-sampling"):
+        out.append(line(f"{w} TPOT, best baseline / ours", _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms"), ">= 1.8",
+                        lambda v: v >= 1.8))
+    for r in rows:
+        if r["method"] == bg.FLASHFORGE and r.get("status") == "ok" and _num(r, "unique_kv_gib"):
+            out.append(line(f"{r['workload']} KV bytes / unique", _num(r, "kv_gib") / _num(r, "unique_kv_gib"),
+                            "<= 1.05", lambda v: v <= 1.05))
+    cap = {r["method"]: r for r in rows if r["workload"] == "capacity" and r.get("status") == "ok"}
+    s, o = cap.get(STOCK_CHUNKED), cap.get(bg.EXPLICIT)
+    out.append(line("capacity 8k doc: largest batch ours / stock", s and o and _num(o, "rows") / _num(s, "rows"),
+                    ">= 8", lambda v: v >= 8))
+    out.append(line("capacity 8k doc: tokens/s ours / stock (at each side's largest batch)",
+                    s and o and _num(o, "tokens_per_s") / _num(s, "tokens_per_s"), ">= 10", lambda v: v >= 10))
+    ns = _ratio(rows, "no-sharing", [bg.STOCK], "tpot_ms")
+    out.append(line("no-sharing TPOT, ours / stock", ns and 1 / ns, "<= 1.05", lambda v: v <= 1.05))
+    fs = _ratio(rows, "few-shot-1b", [bg.STOCK], "total_s")
+    out.append(line("few-shot-1b total time, stock / ours", fs, ">= 1.0", lambda v: v >= 1.0))
+    out.append(line("host us per layer per decode step (ours)", profile and profile["host_us_per_layer"], "<= 30",
+                    lambda v: v <= 30))
+    return out
+
+
+def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
+    runs = sorted({(r["card"], r["date"], r["commit"], r["command"]) for r in rows})
+    lines = ["# End-to-end generate benchmark", ""]
+    lines += [f"- {card}, {date}, commit {commit}: `{command}`" for card, date, commit, command in runs]
+    lines += ["", "Random-weight Llama models (see flashforge_hf/bench_e2e.py for the workloads, methods and what "
+              "every column means). Times in ms; memory in GiB; floor: one decode step at 3.0 TB/s.", ""]
+    cols = ["workload", "method", "rows", "status", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_gib", "kv_gib",
+            "unique_kv_gib", "floor_ms"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_ok"]
+    lines += ["", "## Correctness checks (before timing)", "", "| " + " | ".join(checks) + " |", "|" + "---|" * len(checks)]
+    seen = set()
+    for r in rows:
+        if r["workload"] not in seen and r.get("logits_ok") not in (None, ""):
+            seen.add(r["workload"])
+            lines.append("| " + " | ".join(_cell(r.get(c)) for c in checks) + " |")
+    if profile:
+        lines += ["", "## One decode step of ours", "", "| " + " | ".join(profile) + " |", "|" + "---|" * len(profile),
+                  "| " + " | ".join(_cell(v) for v in profile.values()) + " |"]
+    lines += ["", "## Targets", ""] + targets(rows, profile)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speedup of ours (TPOT and TTFT, over the best stock method and over reuse) and KV-cache GiB per method,
+    per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows if r["workload"] != "capacity"))
+    stock = (bg.STOCK, STOCK_CHUNKED)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    x = range(len(workloads))
+    for ax, key in zip(axes[:2], ("tpot_ms", "ttft_ms")):
+        for i, (label, base) in enumerate((("vs stock", stock), ("vs reuse", (bg.REUSE,)))):
+            ys = [_ratio(rows, w, base, key) or 0 for w in workloads]
+            ax.bar([j + 0.4 * i - 0.2 for j in x], ys, 0.4, label=label)
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set_ylabel(f"speedup of ours in {key.removesuffix('_ms').upper()}")
+    for i, m in enumerate(METHODS):
+        ys = [_num(r, "kv_gib") or 0 if (r := _find(rows, w, m)) else 0 for w in workloads]
+        axes[2].bar([j + 0.2 * i - 0.3 for j in x], ys, 0.2, label=m)
+    axes[2].set_ylabel("KV-cache GiB")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xticks(list(x), workloads, rotation=30, ha="right", fontsize=8)
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, profile_path = stem.with_suffix(".csv"), stem.parent / f"{stem.name}_profile.json"
+    rows = merge(read_csv(csv_path), [{k: r.get(k) for k in COLUMNS} for r in new_rows])
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    if profile:
+        profile_path.write_text(json.dumps(profile, indent=1))
+    elif profile_path.exists():
+        profile = json.loads(profile_path.read_text())
+    rows = read_csv(csv_path)  # every value as text, as in a later run
+    write_markdown(rows, profile, stem.with_suffix(".md"))
+    try:
+        plot(rows, stem.with_suffix(".png"), f"FlashForge end-to-end: {card}")
+    except ImportError:
+        print("no PNG: the plot needs matplotlib (pip install matplotlib)")
+
+
+# ---- command -----------------------------------------------------------------------------------------------------
+def card_name(device: torch.device) -> tuple[str, str]:
+    """``(card, tag)``: the device's name and a short file tag (h100, h200, ... or cpu)."""
+    if device.type != "cuda":
+        return "CPU", "cpu"
+    card = torch.cuda.get_device_name(device)
+    low = card.lower()
+    return card, next((t for t in ("h200", "h100", "a100") if t in low), low.split()[-1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="benchmarks/generate.py", description=__doc__.split("\n\n")[0])
+    names = list(WORKLOADS) + list(EXTRA)
+    ap.add_argument("--workloads", nargs="+", choices=names, default=names, metavar="NAME",
+                    help=f"what to run, in order (default all): {', '.join(names)}")
+    ap.add_argument("--scale", choices=["full", "tiny"], default="full",
+                    help="full: the issue's shapes; tiny: every length / 32, at most 4 rows per level, 8 new tokens, "
+                    "a tiny model (CPU, seconds)")
+    ap.add_argument("--repeats", type=int, default=1, help="best of N timed runs per method (default 1)")
+    ap.add_argument("--check-rows", type=int, default=4, help="prompts in the teacher-forced logits check (default 4)")
+    ap.add_argument("--profile-workload", choices=list(WORKLOADS), default="doc-qa-4k",
+                    help="the workload whose decode step 'profile' profiles (default doc-qa-4k)")
+    ap.add_argument("--max-batch", type=int, default=4096, help="largest batch the capacity search tries (default 4096)")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="start no further workload after this many seconds (default 540: a 10-minute device call)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default bfloat16 at --scale full, float32 at tiny (a tiny bf16 model has many near-ties)")
+    ap.add_argument("--out-dir", default="benchmarks/results", help="where generate_<card>.{csv,md,png} go")
+    ap.add_argument("--commit", help="git commit to record (default: git rev-parse HEAD)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from .bench_attention import _git_commit
+    from .models import resolve_device
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.scale == "full" else "float32"))
+    card, tag = card_name(device)
+    stem = Path(args.out_dir) / (f"generate_{tag}" + ("" if args.scale == "full" else f"_{args.scale}"))
+    stamp = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 commit=args.commit or _git_commit(), command="python benchmarks/generate.py " + " ".join(argv))
+    start = time.perf_counter()
+    todo = [(n, (CAPACITY if n == "capacity" else WORKLOADS[args.profile_workload if n == "profile" else n])
+             .scaled(args.scale)) for n in args.workloads]
+    models: dict = {}
+    for name, wl in sorted(todo, key=lambda t: [w.shape for _, w in todo].index(t[1].shape)):  # one model at a time
+        if time.perf_counter() - start > args.budget_s:
+            print(f"{name}: skipped (budget of {args.budget_s:.0f} s spent)")
+            continue
+        if wl.shape not in models:
+            models.clear()
+            free_memory()
+            models[wl.shape] = bg.random_model(wl.shape, device, dtype)
+        model = models[wl.shape]
+        t0 = time.perf_counter()
+        profile = None
+        if name == "profile":
+            profile = profile_decode_step(model, wl)
+            rows = []
+        elif name == "capacity":
+            rows = capacity(model, wl, args.max_batch if args.scale == "full" else min(args.max_batch, 8))
+        else:
+            rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows)
+        rows = [dict(r, **stamp) for r in rows]
+        for r in rows:
+            print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:20] if r.get(k) is not None))
+        if profile:
+            print("profile:", json.dumps(profile))
+        write_results(rows, profile, stem, card)
+        print(f"{name}: {time.perf_counter() - t0:.1f} s; wrote {stem}.csv/.md/.png")
+    return 0

@@ -1,0 +1,82 @@
+"""The end-to-end generate benchmark (flashforge_hf.bench_e2e) at --scale tiny on the CPU: every workload, the
+capacity search and the profile run; the checks pass; a method that runs out of memory is recorded as OOM."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import torch
+
+from flashforge_hf import bench_e2e as be
+from flashforge_hf import bench_generate as bg
+from flashforge_hf import cli
+
+def test_workloads_match_the_issue():
+    w = be.WORKLOADS
+    assert (w["doc-qa-4k"].levels, w["doc-qa-4k"].new_tokens) == (((4096, 1), (64, 64)), 128)
+    assert (w["doc-qa-16k"].levels, w["doc-qa-16k"].rows) == (((16384, 1), (64, 16)), 16)
+    assert w["few-shot-1b"].shape == "llama-1b" and w["few-shot-8b"].levels == ((650, 1), (64, 256))
+    assert (w["parallel-sampling"].rows, w["parallel-sampling"].generate_kwargs()["do_sample"]) == (64, True)
+    assert (w["tree"].rows, w["tree"].prompt_len, w["tree"].unique_prompt_tokens) == (64, 3136, 1024 + 8 * 2048 + 64 * 64)
+    assert w["no-sharing"].methods() == [bg.STOCK, bg.FLASHFORGE]
+    ids, mask = w["tree"].scaled("tiny").batch(1000, "cpu")
+    assert ids.shape == (16, 32 + 64 + 4) and bool(mask.all())
+    assert torch.equal(ids[0, :96], ids[3, :96]) and not torch.equal(ids[0, :96], ids[4, :96])
+    assert torch.equal(ids[0, :32], ids[15, :32])
+
+
+def test_largest_batch_bisects_to_the_limit():
+    probes = []
+
+    def probe(b):
+        probes.append(b)
+        return None if b > 37 else f"run {b}"
+
+    assert be.largest_batch(probe, 4096, guess=30, tol=0) == (37, "run 37")
+    assert be.largest_batch(lambda b: None, 64) == (0, None)
+    assert be.largest_batch(lambda b: "ok", 8, guess=8)[0] == 8
+
+
+def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
+    real = bg.run_generate
+
+    def stock_runs_out_of_memory(model, ids, mask, mode, **kw):
+        if mode == bg.STOCK and "prefill_chunk_size" not in kw and ids.shape[0] > 2:  # its timed runs, not warm-ups
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, ids, mask, mode, **kw)
+
+    monkeypatch.setattr(bg, "run_generate", stock_runs_out_of_memory)
+    assert cli.main(["bench", "e2e", "--scale", "tiny", "--out-dir", str(tmp_path), "--commit", "test",
+                     "--workloads", "doc-qa-4k", "tree", "parallel-sampling", "capacity", "profile"]) == 0
+    with open(tmp_path / "generate_cpu_tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == be.COLUMNS
+    got = {(r["workload"], r["method"]): r for r in rows}
+    assert set(got) == {("doc-qa-4k", m) for m in be.METHODS} | {("tree", m) for m in (bg.STOCK, bg.REUSE, bg.FLASHFORGE)} \
+        | {("parallel-sampling", m) for m in (bg.STOCK, bg.REUSE, bg.FLASHFORGE)} \
+        | {("capacity", m) for m in be.CAPACITY_METHODS}
+    assert got["doc-qa-4k", bg.STOCK]["status"] == "OOM" and got["doc-qa-4k", bg.STOCK]["tpot_ms"] == ""
+    for (workload, method), r in got.items():
+        if workload != "capacity":
+            assert r["logits_ok"] == "True" and r["greedy_ok"] == "True", r
+        if r["status"] == "ok":
+            assert float(r["ttft_ms"]) > 0 and float(r["tpot_ms"]) > 0 and float(r["kv_gib"]) > 0
+    ours = got["doc-qa-4k", bg.FLASHFORGE]
+    assert float(ours["kv_gib"]) <= 1.05 * float(ours["unique_kv_gib"])
+    assert got["capacity", bg.EXPLICIT]["rows"] == "8"  # nothing runs out of memory on the CPU: the cap
+    md = (tmp_path / "generate_cpu_tiny.md").read_text()
+    assert "commit test" in md and "## Targets" in md and "| doc-qa-4k | stock | 4 | OOM |" in md
+    assert "host us per layer per decode step (ours):" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "generate_cpu_tiny.png").stat().st_size > 0
+    profile = (tmp_path / "generate_cpu_tiny_profile.json").read_text()
+    assert '"plans_per_step": 1.0' in profile and '"suffix_buffer_moved": false' in profile
+
+    # A later run of one workload replaces its rows and keeps the others.
+    monkeypatch.setattr(bg, "run_generate", real)
+    assert be.main(["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "doc-qa-4k"]) == 0
+    with open(tmp_path / "generate_cpu_tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["workload"], r["method"]): r["status"] for r in rows}["doc-qa-4k", bg.STOCK] == "ok"
+    assert len(rows) == len(got)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import flashforge_hf
 from flashforge_hf import cli
-from flashforge_hf.bench_generate import compare
+from flashforge_hf.bench_generate import STOCK, stop_ids, compare, generated_ids, run_generate
 from flashforge_hf.models import encode
 
 # The repository's checkout and the shared data sit side by side: <root>/main (this repo) and <root>/shared.
@@ -41,26 +43,45 @@ def load_records(data: str, *, hub_config: str | None = None, split: str = "test
 
 
 def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[str], is_correct, title: str) -> None:
-    """Greedy-generate ``prompts`` in batches of ``args.batch_size`` with stock transformers and with FlashForge
-    (stopping at the next "Q:"), print each batch's timing table, then the accuracy of both
-    (``is_correct(generated_text, gold)``) and how many generations have identical token ids."""
+    """Greedy-generate ``prompts`` (stopping at the next "Q:") with stock transformers and with FlashForge, then
+    print the accuracy of both (``is_correct(generated_text, gold)``) and how many generations have identical
+    token ids.
+
+    One batch: both run on it and the timing table is printed. Several batches of ``args.batch_size``: stock runs
+    batch by batch, as ``model.generate`` users batch; FlashForge gets every prompt in one
+    ``flashforge_hf.generate(..., batch_size=args.batch_size)`` call, which prefills the shared few-shot prefix
+    once for the whole run and reuses it in every batch; the totals are printed."""
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, stop_strings=["Q:", "</s>", "<|im_end|>"],
                tokenizer=tokenizer)
-    score = {"stock": 0, "flashforge": 0}
-    identical = 0
-    starts = range(0, len(prompts), args.batch_size)
-    for start in tqdm(starts, desc="batches", disable=len(starts) == 1):
-        ids, mask = encode(tokenizer, prompts[start : start + args.batch_size], model.device)
-        runs = compare(model, ids, mask, warmup=not args.no_warmup, **gen)
-        cli.print_comparison(*runs)
-        texts = [tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in runs]
-        for i, gold in enumerate(golds[start : start + args.batch_size]):
-            for run, text in zip(runs, texts):
-                score[run.mode] += bool(is_correct(text[i], gold))
-            identical += runs[0].new_ids[i] == runs[1].new_ids[i]
-            if args.verbose:
-                print(f"\n#{start + i} gold {gold}\n  stock:      {texts[0][i].strip()!r}\n"
-                      f"  flashforge: {texts[1][i].strip()!r}")
+    if len(prompts) <= args.batch_size:
+        ids, mask = encode(tokenizer, prompts, model.device)
+        stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **gen)
+        cli.print_comparison(stock, ours)
+        new = {"stock": stock.new_ids, "flashforge": ours.new_ids}
+    else:
+        new = {"stock": [], "flashforge": []}
+        stock_s = 0.0
+        for start in tqdm(range(0, len(prompts), args.batch_size), desc="stock batches"):
+            ids, mask = encode(tokenizer, prompts[start : start + args.batch_size], model.device)
+            run = run_generate(model, ids, mask, STOCK, **gen)
+            stock_s += run.total_s
+            new["stock"] += run.new_ids
+        ids, mask = encode(tokenizer, prompts, model.device)
+        start_s = time.perf_counter()
+        out = flashforge_hf.generate(model, ids, mask, batch_size=args.batch_size, **gen)
+        ours_s = time.perf_counter() - start_s
+        new["flashforge"] = generated_ids(out, ids.shape[1], stop_ids(model))
+        tokens = {mode: sum(map(len, rows)) for mode, rows in new.items()}
+        print(f"{len(prompts)} prompts in batches of {args.batch_size}: stock {stock_s:.1f} s "
+              f"({tokens['stock'] / stock_s:.1f} tokens/s); flashforge {ours_s:.1f} s "
+              f"({tokens['flashforge'] / ours_s:.1f} tokens/s), the few-shot prefix prefilled once for the run")
+    texts = {mode: tokenizer.batch_decode(rows, skip_special_tokens=True) for mode, rows in new.items()}
+    score = {mode: sum(bool(is_correct(t, g)) for t, g in zip(texts[mode], golds)) for mode in texts}
+    identical = sum(a == b for a, b in zip(new["stock"], new["flashforge"]))
+    if args.verbose:
+        for i, gold in enumerate(golds):
+            print(f"\n#{i} gold {gold}\n  stock:      {texts['stock'][i].strip()!r}\n"
+                  f"  flashforge: {texts['flashforge'][i].strip()!r}")
     n = len(prompts)
     print(f"\n{title}, {n} questions: accuracy stock {score['stock']}/{n} = {score['stock'] / n:.1%}, "
           f"flashforge {score['flashforge']}/{n} = {score['flashforge'] / n:.1%}; "
@@ -71,5 +92,6 @@ def add_few_shot_args(parser, default_limit: int = 16) -> None:
     """--limit, --batch-size and --verbose of the few-shot evaluations."""
     parser.add_argument("--limit", type=cli.positive_int, default=default_limit, help=f"first N questions (default {default_limit})")
     parser.add_argument("--batch-size", type=cli.positive_int, default=16,
-                        help="questions per batch (default 16); each batch shares the few-shot prefix")
+                        help="questions per batch (default 16): stock runs batch by batch; FlashForge runs all "
+                        "batches in one call that prefills the few-shot prefix once")
     parser.add_argument("--verbose", action="store_true", help="print every question's generations")

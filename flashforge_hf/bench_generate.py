@@ -135,7 +135,8 @@ def generated_ids(sequences: torch.Tensor, prompt_len: int, stop_ids) -> list[li
     return rows
 
 
-def _stop_ids(model) -> list[int]:
+def stop_ids(model) -> list[int]:
+    """The ids that end a row: the generation config's EOS and pad tokens."""
     gc = model.generation_config
     ids = []
     for value in (gc.eos_token_id, gc.pad_token_id):
@@ -230,7 +231,7 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
     stamps = clock.seconds(start_mark)
     peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
     prompt_len = input_ids.shape[1]
-    new = generated_ids(out.sequences, prompt_len, _stop_ids(model))
+    new = generated_ids(out.sequences, prompt_len, stop_ids(model))
     return Run(mode, out.sequences.cpu(), prompt_len, new, stamps[0] if stamps else total, total,
                kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 

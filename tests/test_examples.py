@@ -47,6 +47,14 @@ def test_gsm8k(tiny_model):
 
 
 @needs_data
+def test_gsm8k_several_batches_prefill_the_prefix_once_for_the_run(tiny_model):
+    result = run_example("fewshot_gsm8k", "--model", tiny_model, "--limit", "3", "--batch-size", "2",
+                         "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "3 prompts in batches of 2" in result.stdout and "prefilled once for the run" in result.stdout
+    assert "identical token ids: 3/3 questions" in result.stdout
+
+
 def test_bbh(tiny_model):
     result = run_example("fewshot_bbh", "--model", tiny_model, "--task", "navigate", "--limit", "2", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr

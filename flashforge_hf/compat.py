@@ -6,7 +6,6 @@ import functools
 import inspect
 import sys
 
-import transformers
 from transformers.utils import generic as _generic
 
 NAME = "flashforge"
@@ -56,5 +55,3 @@ def install_flash_predicate_fix() -> None:
             mod.is_flash_attention_requested = is_flash_attention_requested
     _generic.is_flash_attention_requested = is_flash_attention_requested
 
-
-TRANSFORMERS_VERSION = transformers.__version__

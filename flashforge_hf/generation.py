@@ -124,20 +124,23 @@ def prefill_shared(
     (they grow by doubling past it). Runs of fewer than ``min_shared_tokens`` shared tokens are not worth a
     segment and are stored per row instead.
     """
-    return _prefill(model, input_ids, _check_inputs(model, input_ids, attention_mask), attention_mask,
-                    max_new_tokens=max_new_tokens, num_copies=num_copies, min_shared_tokens=min_shared_tokens)
-
-
-def _prefill(model, input_ids, mask, attention_mask, *, max_new_tokens, num_copies, min_shared_tokens):
-    """prefill_shared on validated inputs (``mask``: the checked 0/1 mask, ``attention_mask``: the caller's)."""
+    mask = _check_inputs(model, input_ids, attention_mask)
     if num_copies < 1:
         raise ValueError(f"num_copies must be >= 1, got {num_copies}.")
     check_model(model, longest_row=input_ids.shape[1] + (max_new_tokens or 0))
     forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=num_copies)
-    cache = _new_cache(model, forest, input_ids.shape[1], max_new_tokens, input_ids.device)
-    _prefill_segments(model, cache)
-    _prefill_suffixes(model, cache)
+    cache = _prefilled_cache(model, forest, input_ids.shape[1], max_new_tokens, input_ids.device)
     return cache, {"input_ids": input_ids, "attention_mask": mask.to(input_ids.dtype) if attention_mask is None else attention_mask}
+
+
+def _prefilled_cache(model, forest, width: int, max_new_tokens, device, segments=None) -> PrefixSharingCache:
+    """A cache for ``forest``'s rows with their segments (unless ``segments`` already holds them) and suffixes
+    prefilled."""
+    cache = _new_cache(model, forest, width, max_new_tokens, device, segments=segments)
+    if segments is None:
+        _prefill_segments(model, cache)
+    _prefill_suffixes(model, cache)
+    return cache
 
 
 def _new_cache(model, forest, width: int, max_new_tokens, device, segments=None) -> PrefixSharingCache:
@@ -277,9 +280,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
     if per_batch >= B:
-        cache = _new_cache(model, forest, width, max_new, input_ids.device)
-        _prefill_segments(model, cache)
-        _prefill_suffixes(model, cache)
+        cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)
     if kwargs.get("return_dict_in_generate", getattr(gc, "return_dict_in_generate", False)):
         raise NotImplementedError(
@@ -291,9 +292,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     outs = []
     for b0 in tqdm(range(0, B, per_batch), desc="flashforge batches", unit="batch", disable=not progress):
         b1 = min(B, b0 + per_batch)
-        cache = _new_cache(model, forest.select(list(range(b0 * copies, b1 * copies))), width, max_new,
-                           input_ids.device, segments=segments)
-        _prefill_suffixes(model, cache)
+        cache = _prefilled_cache(model, forest.select(list(range(b0 * copies, b1 * copies))), width, max_new,
+                                 input_ids.device, segments=segments)
         outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
                                    **{kw: cache}, **kwargs))
     pad = kwargs.get("pad_token_id", gc.pad_token_id)

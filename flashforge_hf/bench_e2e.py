@@ -199,20 +199,23 @@ def check_rows(prompts: int, n: int) -> list[int]:
     return sorted({r for s in starts for r in (s, s + 1) if r < prompts})[:n]
 
 
-def teacher_forced(model, ids, forced, ours: bool) -> torch.Tensor:
-    """Logits [rows, steps, V] (float32) predicting each forced token: decode steps on a PrefixSharingCache
-    (ours), else one sdpa pass per row over prompt + forced tokens."""
+def teacher_forced(model, ids, mask, forced, ours: bool) -> torch.Tensor:
+    """Logits [rows, steps, V] (float32) predicting each forced token after the left-padded prompts ``ids``/``mask``:
+    decode steps on a PrefixSharingCache (ours), else one sdpa pass over prompt + forced tokens."""
     n = forced.shape[1]
     if ours:
-        cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=n)
-        kw, step_in, out = flashforge_hf.cache_kwarg(model), ids[:, -1:], []
+        cache, _ = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=n)
+        kw, pos, step_in, out = flashforge_hf.cache_kwarg(model), mask.sum(-1, keepdim=True) - 1, ids[:, -1:], []
         for j in range(n):
-            out.append(model(input_ids=step_in, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float())
+            out.append(model(input_ids=step_in, position_ids=pos + j, use_cache=True, logits_to_keep=1,
+                             **{kw: cache}).logits[:, -1].float())
             step_in = forced[:, j : j + 1]
         return torch.stack(out, 1)
+    full_mask = torch.cat([mask, torch.ones_like(forced)], 1)
     with bg.attention(model, "sdpa"):
-        return torch.cat([model(input_ids=torch.cat([i, f]).unsqueeze(0), logits_to_keep=n + 1).logits[:, :-1].float()
-                          for i, f in zip(ids, forced)])
+        logits = model(input_ids=torch.cat([ids, forced], 1), attention_mask=full_mask,
+                       position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=n + 1).logits
+    return logits[:, :-1].float()
 
 
 def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
@@ -221,11 +224,12 @@ def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed + 1)
     forced = torch.randint(3, model.config.vocab_size, (sub.shape[0], FORCED), generator=g).to(ids.device)
     with torch.no_grad():
-        ours = teacher_forced(model, sub, forced, ours=True)
-        stock = teacher_forced(model, sub, forced, ours=False)
+        mask = torch.ones_like(sub)
+        ours = teacher_forced(model, sub, mask, forced, ours=True)
+        stock = teacher_forced(model, sub, mask, forced, ours=False)
         free_memory()
         reference = copy.deepcopy(model).float()
-        ref = teacher_forced(reference, sub, forced, ours=False)
+        ref = teacher_forced(reference, sub, mask, forced, ours=False)
         del reference
     free_memory()
     err_stock = float((stock - ref).norm() / ref.norm())

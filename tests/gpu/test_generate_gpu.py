@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import flashforge_hf
+from flashforge_hf.bench_e2e import teacher_forced
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
 
 pytestmark = [
@@ -42,25 +43,6 @@ def test_greedy_fp32_matches_sdpa(folder):
             torch.testing.assert_close(b, a, atol=2e-3, rtol=0)
 
 
-def _teacher_forced(model, ids, mask, forced, ours: bool):
-    """Logits [steps, B, V] of each forced token's prediction, via decode steps (ours) or one full pass (stock)."""
-    if not ours:
-        full = torch.cat([ids, forced], 1)
-        fmask = torch.cat([mask, torch.ones_like(forced)], 1)
-        pos = (fmask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=full, attention_mask=fmask, position_ids=pos).logits.float()
-        return logits[:, ids.shape[1] - 1 : -1].transpose(0, 1)
-    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=forced.shape[1], min_shared_tokens=4)
-    kw = flashforge_hf.cache_kwarg(model)
-    pos = mask.sum(-1, keepdim=True) - 1
-    step_in = ids[:, -1:]
-    out = []
-    for j in range(forced.shape[1]):
-        out.append(model(input_ids=step_in, position_ids=pos + j, use_cache=True, **{kw: cache}).logits[:, -1].float())
-        step_in = forced[:, j : j + 1]
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_teacher_forced_logits_within_half_precision_tolerance(folder, dtype):
     """Our error against an fp32 reference is at most 2x stock SDPA's error in the same dtype."""
@@ -68,9 +50,9 @@ def test_teacher_forced_logits_within_half_precision_tolerance(folder, dtype):
     ids, mask = ids.cuda(), mask.cuda()
     forced = torch.randint(3, 90, (ids.shape[0], 10), device="cuda")
     with torch.no_grad():
-        ref = _teacher_forced(load(folder, "sdpa").cuda(), ids, mask, forced, ours=False)
-        stock = _teacher_forced(load(folder, "sdpa", dtype).cuda(), ids, mask, forced, ours=False)
-        ours = _teacher_forced(load(folder, "flashforge", dtype).cuda(), ids, mask, forced, ours=True)
+        ref = teacher_forced(load(folder, "sdpa").cuda(), ids, mask, forced, ours=False)
+        stock = teacher_forced(load(folder, "sdpa", dtype).cuda(), ids, mask, forced, ours=False)
+        ours = teacher_forced(load(folder, "flashforge", dtype).cuda(), ids, mask, forced, ours=True)
     err_stock = (stock - ref).norm() / ref.norm()
     err_ours = (ours - ref).norm() / ref.norm()
     assert err_ours <= 2 * err_stock + 1e-6, (err_ours.item(), err_stock.item())

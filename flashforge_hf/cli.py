@@ -7,6 +7,7 @@ entry point takes the same model options and prints the same comparison.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -175,16 +176,8 @@ def cmd_bench_generate(args) -> int:
     return 0
 
 
-def cmd_bench_attention(argv: list[str]) -> int:
-    from . import bench_attention  # imports the GPU benchmark only when asked for
-
-    return bench_attention.main(argv)
-
-
-def cmd_bench_e2e(argv: list[str]) -> int:
-    from . import bench_e2e
-
-    return bench_e2e.main(argv)
+# `bench NAME ...` handed whole to a benchmark module's own main(argv) (its --help included), imported only then.
+FORWARDED_BENCHMARKS = {"attention": "bench_attention", "e2e": "bench_e2e"}
 
 
 # ---- parser ----------------------------------------------------------------------------------------------------
@@ -273,10 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "attention"]:  # its own parser, --help included
-        return cmd_bench_attention(argv[2:])
-    if argv[:2] == ["bench", "e2e"]:
-        return cmd_bench_e2e(argv[2:])
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in FORWARDED_BENCHMARKS:
+        return importlib.import_module(f".{FORWARDED_BENCHMARKS[argv[1]]}", __package__).main(argv[2:])
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     return args.func(args)

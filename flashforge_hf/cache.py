@@ -191,10 +191,6 @@ class PrefixSharingCache(Cache):
         """Bytes of K/V storage held (segments once, plus the suffix buffers)."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def segment_nbytes(self) -> int:
-        """Bytes of the shared segments' K/V (shared with caches made with ``segments=self``)."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.seg_k, layer.seg_v) if t is not None)
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the suffix rows; beams of one prompt share the same segments."""
         idx = beam_idx.to(self.device)
@@ -264,12 +260,9 @@ class PrefixSharingCache(Cache):
     def _check_shapes(self, layer, k, v):
         if k.device != self.device:
             raise ValueError(f"PrefixSharingCache lives on {self.device}, but layer K/V are on {k.device}.")
-        if layer.seg_k is not None:
-            heads, dim, dtype = layer.seg_k.shape[0], layer.seg_k.shape[2], layer.seg_k.dtype
-        elif layer.suf_k is not None:
-            heads, dim, dtype = layer.suf_k.shape[1], layer.suf_k.shape[3], layer.suf_k.dtype
-        else:
+        if layer.seg_k is None:  # allocated with the layer's first K/V (or shared from `segments`)
             return
+        heads, dim, dtype = layer.seg_k.shape[0], layer.seg_k.shape[2], layer.seg_k.dtype
         if k.shape[1] != heads or k.shape[3] != dim or k.dtype != dtype:
             raise ValueError(
                 f"K/V of shape {tuple(k.shape)} ({k.dtype}) do not fit this PrefixSharingCache "

@@ -24,8 +24,6 @@ class Forest:
     seg_level[s]:    depth of the segment (0 for roots).
     paths[r]:        segment ids from root to leaf that row r attends to, in order.
     suffix_tokens[r]: row r's own tokens after its path (always at least its last prompt token).
-    pad[r]:          left-padding columns of row r in the batch it came from.
-    source[r]:       the input row that row r copies (rows are input rows repeated ``copies`` times).
     """
 
     seg_tokens: tuple[tuple[int, ...], ...]
@@ -34,8 +32,6 @@ class Forest:
     seg_level: tuple[int, ...]
     paths: tuple[tuple[int, ...], ...]
     suffix_tokens: tuple[tuple[int, ...], ...]
-    pad: tuple[int, ...]
-    source: tuple[int, ...]
 
     @property
     def num_rows(self) -> int:
@@ -52,23 +48,18 @@ class Forest:
         """The same segments, serving only ``rows`` (in that order)."""
         pick = lambda xs: tuple(xs[r] for r in rows)  # noqa: E731
         return Forest(self.seg_tokens, self.seg_parent, self.seg_pos, self.seg_level, pick(self.paths),
-                      pick(self.suffix_tokens), pick(self.pad), pick(self.source))
-
-    def unique_tokens(self) -> int:
-        """Tokens stored once: all segments plus every row's suffix."""
-        return sum(map(len, self.seg_tokens)) + sum(map(len, self.suffix_tokens))
+                      pick(self.suffix_tokens))
 
 
 def build_forest(input_ids: torch.Tensor, attention_mask: torch.Tensor, min_shared_tokens: int = 16, copies: int = 1) -> Forest:
     """Build the forest of a left-padded batch. ``input_ids``/``attention_mask``: [B, L] on any device."""
     ids = input_ids.tolist()
     mask = attention_mask.tolist()
-    rows, pads, source = [], [], []
+    rows, source = [], []  # source[r]: the input row that row r copies
     for b, (row, m) in enumerate(zip(ids, mask)):
         pad = len(m) - sum(m)
         for _ in range(copies):
             rows.append(row[pad:])
-            pads.append(pad)
             source.append(b)
 
     seg_tokens: list[tuple[int, ...]] = []
@@ -121,6 +112,4 @@ def build_forest(input_ids: torch.Tensor, attention_mask: torch.Tensor, min_shar
         seg_level=tuple(seg_level[o] for o in order),
         paths=tuple(tuple(renum[s] for s in p) for p in paths),
         suffix_tokens=tuple(tuple(rows[r][suffix_start[r]:]) for r in range(len(rows))),
-        pad=tuple(pads),
-        source=tuple(source),
     )

@@ -19,7 +19,8 @@ multinomial sampling with every logits processor and stopping criterion transfor
 transformers pads them). It never waits for the GPU inside the loop: whether every row has finished is copied to
 pinned host memory asynchronously and read a step later, and steps run past the end are trimmed, so the output
 equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
-past the end; the shared segments are read once for all rows anyway). Off CUDA the same static steps run eagerly.
+past the end; the shared segments are read once for all rows anyway), unless scores or logits are returned:
+transformers keeps computing finished rows' logits, and so do we then. Off CUDA the same static steps run eagerly.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     keep_scores = gc.return_dict_in_generate and gc.output_scores
     keep_logits = gc.return_dict_in_generate and gc.output_logits
+    # Finished rows stop costing suffix attention, unless their (meaningless but returned) logits are asked for.
+    skip_finished = has_eos and not (keep_scores or keep_logits)
     scores, raw = [], []
     device = input_ids.device
     mask = model_kwargs.get("attention_mask")
@@ -215,10 +218,11 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
         tokens = input_ids[:, -1]
         for t in range(new):
             logits = runner.step(tokens)
+            if keep_scores or keep_logits:  # kept past this step: out of the graph's buffer
+                logits = logits.clone()
             if keep_logits:
-                raw.append(logits.clone())
-            cur = seq[:, : L + t]
-            next_scores = logits_processor(cur, logits.clone() if keep_scores or keep_logits else logits)
+                raw.append(logits)  # the tensor the processors get, as in transformers' loop
+            next_scores = logits_processor(seq[:, : L + t], logits)
             if keep_scores:
                 scores.append(next_scores)
             if gc.do_sample:
@@ -231,7 +235,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
             if streamer is not None:
                 streamer.put(tokens.cpu())
             unfinished &= ~stopping_criteria(seq[:, : L + t + 1], next_scores)
-            if has_eos:
+            if skip_finished:
                 runner.finish_rows(~unfinished)
             # Whether every row is done: copied to pinned memory and read once the GPU got there, never waited
             # for, except that the host stays at most LAG steps ahead (so at most LAG steps run past the end).

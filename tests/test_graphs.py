@@ -78,13 +78,16 @@ class ForceEos(LogitsProcessor):
         return scores
 
 
+@pytest.mark.parametrize("logits", [False, True], ids=["tokens", "with_logits"])
 @pytest.mark.parametrize("at", [[2, None, 5, 0, 3, 1, 7, 4], [2, 6, 5, 0, 3, 1, 7, 4]], ids=["some_rows", "all_rows"])
-def test_eos_rows_padded_stopped_and_skipped(model, at):
+def test_eos_rows_padded_stopped_and_skipped(model, at, logits):
     """Rows that emit EOS are padded as transformers pads them; when every row has finished the loop stops and
     the output is trimmed exactly where transformers' loop stops; finished rows' suffix starts move past the
-    end (no suffix attention) and are restored afterwards."""
+    end (no suffix attention) and are restored afterwards, except when logits are returned (then finished rows'
+    logits equal transformers')."""
     ids, mask = tree_batch(seed=6)
     eos = model.generation_config.eos_token_id
+    out_kw = dict(return_dict_in_generate=True, output_logits=True) if logits else {}
     outs = []
     for ours in (False, True):
         box = {}
@@ -94,14 +97,18 @@ def test_eos_rows_padded_stopped_and_skipped(model, at):
         start0 = cache.suffix_start.clone()
         extra = dict(custom_generate=graphs.decode, cuda_graph=False) if ours else {}
         outs.append(model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, max_new_tokens=12,
-                                   do_sample=False, logits_processor=LogitsProcessorList([proc]), **extra))
+                                   do_sample=False, logits_processor=LogitsProcessorList([proc]), **extra, **out_kw))
         assert torch.equal(cache.suffix_start, start0)
         if ours:
             big = torch.iinfo(torch.int32).max
             for r, k in enumerate(at):  # seen[s] is read at step s, before that step's token
                 for s, starts in enumerate(proc.seen):
-                    assert (starts[r] == big) == (k is not None and s > k), (r, s)
+                    assert (starts[r] == big) == (k is not None and s > k and not logits), (r, s)
     eager, ours = outs
+    if logits:
+        for a, b in zip(eager.logits, ours.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        eager, ours = eager.sequences, ours.sequences
     assert torch.equal(eager, ours)
     if None not in at:
         assert ours.shape[1] == ids.shape[1] + max(at) + 1  # stopped at the last row's EOS

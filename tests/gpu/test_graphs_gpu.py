@@ -26,13 +26,13 @@ def model(tmp_path_factory):
     return load(folder, "flashforge", torch.bfloat16).cuda()
 
 
-def _decode(model, ids, mask, graph: bool, seed=None, processors=(), **kw):
+def _decode(model, ids, mask, graph: bool, seed=None, processors=(), logits=True, **kw):
     cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=kw["max_new_tokens"],
                                                  num_copies=kw.get("num_return_sequences", 1), min_shared_tokens=4)
     if seed is not None:
         torch.manual_seed(seed)
     out = model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, custom_generate=graphs.decode,
-                         cuda_graph=graph, return_dict_in_generate=True, output_logits=True,
+                         cuda_graph=graph, return_dict_in_generate=True, output_logits=logits,
                          logits_processor=LogitsProcessorList(list(processors)), **kw)
     return out, dict(graphs.last_stats)
 
@@ -62,7 +62,7 @@ def test_graph_eos_rows_and_stop(model):
     at = [30, 2, 17, 0, 45, 9, 3, 28]
     eos = model.generation_config.eos_token_id
     outs = [_decode(model, ids, mask, graph, processors=[ForceEos(at, eos, {})], max_new_tokens=80,
-                    do_sample=False)[0] for graph in (False, True)]
+                    do_sample=False, logits=False)[0] for graph in (False, True)]  # no logits: finished rows skipped
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert outs[1].sequences.shape[1] == ids.shape[1] + max(at) + 1
 

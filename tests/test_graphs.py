@@ -61,7 +61,8 @@ def test_seeded_sampling_with_processors_equals_eager_loop(model):
 
 
 class ForceEos(LogitsProcessor):
-    """Row r emits EOS at step ``at[r]`` (None: never); records the cache's suffix starts seen at each step."""
+    """Row r emits EOS at step ``at[r]`` and never before (None: never); records the cache's suffix starts seen
+    at each step."""
 
     def __init__(self, at, eos, cache_box):
         self.at, self.eos, self.cache_box, self.seen, self.step = at, eos, cache_box, [], 0
@@ -74,6 +75,8 @@ class ForceEos(LogitsProcessor):
             if k == self.step:
                 scores[r] = -1e9
                 scores[r, self.eos] = 0.0
+            else:
+                scores[r, self.eos] = -1e9
         self.step += 1
         return scores
 

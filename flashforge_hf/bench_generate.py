@@ -258,17 +258,23 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
                kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 
 
+def flashforge_mode(cuda_graph: bool | None) -> str:
+    """The FlashForge mode of :func:`flashforge_hf.generate`'s ``cuda_graph`` setting (None: auto)."""
+    return {None: FLASHFORGE, True: GRAPH, False: EAGER}[cuda_graph]
+
+
 def compare(model, input_ids, attention_mask, *, warmup: bool = True, seed: int | None = None,
-            progress: bool = True, **generate_kwargs) -> tuple[Run, Run]:
-    """Stock and FlashForge generate on the same batch: ``(stock, flashforge)``, both seeded with ``seed``.
-    ``warmup`` first runs both for two tokens on the same batch (kernel compilation, allocator warm-up) so that
-    the timings are steady."""
+            progress: bool = True, cuda_graph: bool | None = None, **generate_kwargs) -> tuple[Run, Run]:
+    """Stock and FlashForge generate on the same batch: ``(stock, flashforge)``, both seeded with ``seed``;
+    ``cuda_graph`` as in :func:`flashforge_hf.generate`. ``warmup`` first runs both for two tokens on the same
+    batch (kernel compilation, allocator warm-up) so that the timings are steady."""
+    ours = flashforge_mode(cuda_graph)
     if warmup:
         short = dict(generate_kwargs, max_new_tokens=2, min_new_tokens=None)
-        for mode in (STOCK, FLASHFORGE):
+        for mode in (STOCK, ours):
             run_generate(model, input_ids, attention_mask, mode, seed=seed, **short)
     return tuple(run_generate(model, input_ids, attention_mask, mode, seed=seed, progress=progress, **generate_kwargs)
-                 for mode in (STOCK, FLASHFORGE))
+                 for mode in (STOCK, ours))
 
 
 def same_tokens(a: Run, b: Run) -> bool:

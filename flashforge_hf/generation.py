@@ -314,7 +314,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
     if _graph_policy(model, cuda_graph, max_new, kwargs):
-        kwargs = dict(kwargs, custom_generate=graphs.decode)
+        kwargs = graphs.decode_kwargs(model, kwargs)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)

@@ -165,14 +165,40 @@ def unsupported(generation_config, model_kwargs: dict) -> str | None:
     return None
 
 
+def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True) -> dict:
+    """``kwargs`` of ``model.generate`` made ready for :func:`decode` as its ``custom_generate``.
+
+    transformers hands a ``custom_generate`` callable neither the ``tokenizer`` nor the ``streamer`` (5.17 to
+    5.24), so stop strings become a stopping criterion here and the streamer travels as ``graph_streamer``."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    kw = dict(kwargs, custom_generate=decode, cuda_graph=cuda_graph)
+    gc = kw.get("generation_config") or model.generation_config
+    stop = kw.pop("stop_strings", None) or getattr(gc, "stop_strings", None)
+    tokenizer = kw.pop("tokenizer", None)
+    if stop:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=... as well.")
+        criteria = StoppingCriteriaList(kw.get("stopping_criteria") or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop))
+        kw.update(stopping_criteria=criteria, stop_strings=None)
+    if kw.get("streamer") is not None:
+        kw["graph_streamer"] = kw.pop("streamer")
+    return kw
+
+
 def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
-           synced_gpus: bool = False, streamer=None, cuda_graph: bool = True, **model_kwargs):
+           synced_gpus: bool = False, streamer=None, cuda_graph: bool = True, graph_streamer=None, **model_kwargs):
     """transformers' sampling loop (greedy or multinomial) on a prefilled :class:`PrefixSharingCache`, each step
-    replayed from a CUDA graph (``cuda_graph``; on CUDA). Use as ``model.generate(..., custom_generate=decode,
-    past_key_values=cache)`` (``cache=`` on transformers >= 5.24) or through :func:`flashforge_hf.generate`.
+    replayed from a CUDA graph (``cuda_graph``; on CUDA; off, the same static steps run eagerly). Use through
+    :func:`flashforge_hf.generate`, or as ``model.generate(**decode_kwargs(model, dict(..., past_key_values=cache)))``
+    (``cache=`` on transformers >= 5.24), which passes stop strings and a streamer on.
 
     Same arguments and results as transformers' ``_sample``: ``input_ids`` [B, L] the (expanded) prompts,
     returns the sequences [B, L + new] or a ``GenerateDecoderOnlyOutput`` with scores/logits when asked."""
+    if graph_streamer is not None:  # transformers did not see it: the prompt goes first, as generate would do
+        streamer = graph_streamer
+        streamer.put(input_ids.cpu())
     kw = model_cache_kwarg(model)
     cache = model_kwargs.get(kw)
     if not isinstance(cache, PrefixSharingCache):

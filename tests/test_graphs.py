@@ -142,3 +142,42 @@ def test_errors_before_work(model):
     assert cache.static_col is None  # nothing was started
     with pytest.raises(NotImplementedError, match="cuda_graph=True cannot be served: the model is on cpu"):
         flashforge_hf.generate(model, ids, mask, max_new_tokens=4, cuda_graph=True)
+
+
+def test_stop_strings_and_streamer_reach_the_loop():
+    """transformers drops `tokenizer` and `streamer` for a custom_generate callable: decode_kwargs carries them
+    (stop strings as a stopping criterion); rows stop on the string and the streamer sees every token."""
+    from test_features import _char_tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.generation.streamers import BaseStreamer
+
+    from tiny_models import shared_prefix_batch
+
+    class Tape(BaseStreamer):
+        def __init__(self):
+            self.parts = []
+
+        def put(self, value):
+            self.parts.append(value.clone())
+
+        def end(self):
+            self.parts.append("end")
+
+    import tempfile
+
+    m = load(save_tiny("llama", tempfile.mkdtemp()), "flashforge")
+    ids, mask = shared_prefix_batch(seed=4, batch=1)
+    free = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), unk_token=" ", pad_token=" ")
+    stop = tok.decode(free[0, ids.shape[1] + 2 : ids.shape[1] + 4])
+    outs, tapes = [], []
+    for ours in (False, True):
+        tape = Tape()
+        cache, inputs = flashforge_hf.prefill_shared(m, ids, mask, max_new_tokens=8, min_shared_tokens=4)
+        kw = dict(inputs, max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=tok, pad_token_id=0,
+                  streamer=tape, **{flashforge_hf.cache_kwarg(m): cache})
+        outs.append(m.generate(**(graphs.decode_kwargs(m, kw, cuda_graph=False) if ours else kw)))
+        tapes.append(tape.parts)
+    assert torch.equal(outs[0], outs[1]) and outs[1].shape[1] == ids.shape[1] + 4  # stopped on the string
+    assert len(tapes[0]) == len(tapes[1]) == 1 + 4 + 1 and tapes[1][-1] == "end"
+    assert all(torch.equal(a, b) for a, b in zip(tapes[0][:-1], tapes[1][:-1]))

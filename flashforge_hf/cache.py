@@ -169,7 +169,6 @@ class PrefixSharingCache(Cache):
         self._expected_layer = 0
         self._last_handoff: HandOff | None = None
         self._plan: ForestPlan | None = None
-        self._plan_key = None
         self._seg_plan_cache: dict = {}
         self._workspace: dict = {}
         self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
@@ -391,6 +390,12 @@ class PrefixSharingCache(Cache):
         if bound > self.capacity:
             raise ValueError(f"Static bound {bound} exceeds the suffix capacity {self.capacity}.")
         self._static_bound = bound
+
+    def advance_static(self) -> None:
+        """After a static forward: the next one writes the next column and attends one column further (in place
+        on the device, so a captured CUDA graph advances them itself)."""
+        self.static_col += 1
+        self._end += 1
 
     def end_static(self, cursor: int) -> None:
         """Leave static decoding with ``cursor`` columns written (the host count of the static steps)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -248,17 +249,15 @@ def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, kwargs: d
     allow it (else transformers' eager loop, said once); True requires it; False never."""
     if cuda_graph is False:
         return False
-    gc = kwargs.get("generation_config") or model.generation_config
+    gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    gc.update(**{k: v for k, v in kwargs.items() if hasattr(gc, k)})
     reasons = []
     if model.device.type != "cuda":
         reasons.append(f"the model is on {model.device.type}, not CUDA")
     if max_new is None:
         reasons.append("max_new_tokens is not set")
-    if (kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1) > 1:
-        reasons.append("beam search")
-    if kwargs.get("return_dict_in_generate", gc.return_dict_in_generate) and any(
-            kwargs.get(f, getattr(gc, f, False)) for f in ("output_attentions", "output_hidden_states")):
-        reasons.append("attentions/hidden states are asked for")
+    if why := graphs.unsupported(gc, kwargs):
+        reasons.append(why)
     if kwargs.get("synced_gpus") or (torch.distributed.is_available() and torch.distributed.is_initialized()
                                      and torch.distributed.get_world_size() > 1):
         reasons.append("several processes (tensor parallel / synced GPUs)")

@@ -17,8 +17,8 @@ identical results.
 :func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
 multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as
 transformers pads them). It never waits for the GPU inside the loop: whether every row has finished is copied to
-pinned host memory asynchronously and read a step later, and steps run past the end are trimmed, so the output
-equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
+pinned host memory asynchronously and read once the GPU got there (the host runs at most :data:`LAG` steps
+ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
 past the end; the shared segments are read once for all rows anyway), unless scores or logits are returned:
 transformers keeps computing finished rows' logits, and so do we then. Off CUDA the same static steps run eagerly.
 """
@@ -28,6 +28,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import PrefixSharingCache
@@ -81,8 +82,7 @@ class GraphDecoder:
                          **{self.kwarg: self.cache})
         self.logits.copy_(out.logits[:, -1])
         self.pos += 1
-        self.cache.static_col += 1
-        self.cache._end += 1
+        self.cache.advance_static()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (int64 [R]) and return the next-token logits, float32 [R, V]: a buffer that the next
@@ -170,8 +170,6 @@ def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True) -> dict:
 
     transformers hands a ``custom_generate`` callable neither the ``tokenizer`` nor the ``streamer`` (5.17 to
     5.24), so stop strings become a stopping criterion here and the streamer travels as ``graph_streamer``."""
-    from transformers import StoppingCriteriaList, StopStringCriteria
-
     kw = dict(kwargs, custom_generate=decode, cuda_graph=cuda_graph)
     gc = kw.get("generation_config") or model.generation_config
     stop = kw.pop("stop_strings", None) or getattr(gc, "stop_strings", None)

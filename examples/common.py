@@ -55,7 +55,8 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
                tokenizer=tokenizer)
     if len(prompts) <= args.batch_size:
         ids, mask = encode(tokenizer, prompts, model.device)
-        stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **gen)
+        stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=cli.CUDA_GRAPH[args.cuda_graph],
+                              **gen)
         cli.print_comparison(stock, ours)
         new = {"stock": stock.new_ids, "flashforge": ours.new_ids}
     else:
@@ -68,7 +69,8 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
             new["stock"] += run.new_ids
         ids, mask = encode(tokenizer, prompts, model.device)
         start_s = time.perf_counter()
-        out = flashforge_hf.generate(model, ids, mask, batch_size=args.batch_size, **gen)
+        out = flashforge_hf.generate(model, ids, mask, batch_size=args.batch_size,
+                                     cuda_graph=cli.CUDA_GRAPH[args.cuda_graph], **gen)
         ours_s = time.perf_counter() - start_s
         new["flashforge"] = generated_ids(out, ids.shape[1], stop_ids(model))
         tokens = {mode: sum(map(len, rows)) for mode, rows in new.items()}

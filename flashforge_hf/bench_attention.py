@@ -264,7 +264,7 @@ def planner_cost(layer: Layer) -> dict:
     def replan():
         split_len, n_splits = planner.plan_suffix_splits(R, HKV, layer.suffix, 1, dev)
         slot0 = plan.suffix.slot0
-        return ForestPlan(plan.segments, SuffixTasks(plan.suffix.start, slot0, layer.suffix, split_len, n_splits),
+        return ForestPlan(plan.segments, SuffixTasks(plan.suffix.start, slot0, plan.suffix.end, split_len, n_splits),
                           plan.row_slot_off, slot0 + n_splits * R, 1)
 
     return dict(make_plan_us=host_us(layer.plan, n=200, repeats=3), replan_us=host_us(replan, n=200, repeats=3))
@@ -279,7 +279,7 @@ def layer_call_host_us(gen) -> dict:
                                ("merged suffix, triton launch path", False, False)):
         plan = layer.plan()
         if split:
-            plan = ForestPlan(plan.segments, SuffixTasks(plan.suffix.start, plan.suffix.slot0, 16, 8, 2),
+            plan = ForestPlan(plan.segments, SuffixTasks(plan.suffix.start, plan.suffix.slot0, plan.suffix.end, 8, 2),
                               plan.row_slot_off, plan.suffix.slot0 + 2 * 4, 1)
         out = torch.empty(4, 1, HQ, D, dtype=DTYPE, device="cuda")
         _common.FAST_LAUNCH = fast

@@ -7,12 +7,15 @@ number of new tokens per row, EOS ignored through ``min_new_tokens``):
     few-shot-1b / -8b        a 650-token 8-shot prefix, 256 questions of 64 tokens, 256 new;
     parallel-sampling        one 2,048-token prompt, num_return_sequences=64, sampling, 256 new;
     tree                     a 1,024-token system prompt, 8 documents of 2,048 tokens, 8 questions of 64 each;
-    no-sharing               64 distinct 1,024-token prompts.
+    no-sharing               64 distinct 1,024-token prompts;
+    batch-1                  one 16-token prompt, 128 new.
 Methods (:func:`flashforge_hf.bench_generate.run_generate`): "stock" (sdpa, DynamicCache), "stock-chunked"
 (the same with ``prefill_chunk_size``, on the document workloads), "reuse" (the prefix-reuse pattern of the
 transformers docs: the prefix common to all rows prefilled once and its cache repeated to every row; not run
-where no prefix is common), "flashforge" (:func:`flashforge_hf.generate`). A method that runs out of memory
-is recorded as "OOM".
+where no prefix is common), "flashforge-eager" (:func:`flashforge_hf.generate` with transformers' eager decoding
+loop), "flashforge-graph" (the same, each decode step replayed from a CUDA graph; CUDA only) and, on batch-1,
+"stock-compiled" (transformers' static cache, its forward compiled by generate; CUDA only). A method that runs
+out of memory is recorded as "OOM".
 
 Per workload and method: TTFT (from the call to the first token's logits), median time per output token (the
 intervals between a logits processor's CUDA-event stamps), tokens/s (rows x new tokens / total), peak CUDA
@@ -64,7 +67,8 @@ BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
 FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
 GREEDY_SHARE = 0.9
 STOCK_CHUNKED = "stock-chunked"
-METHODS = (bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.FLASHFORGE)
+METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH)
+CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
 
 
@@ -79,6 +83,7 @@ class Workload:
     new_tokens: int
     copies: int = 1  # num_return_sequences, with sampling
     chunk: int | None = None  # prefill_chunk_size of the stock-chunked baseline
+    compiled: bool = False  # also run stock-compiled (transformers' static cache + torch.compile)
 
     @property
     def prompts(self) -> int:
@@ -96,9 +101,10 @@ class Workload:
     def unique_prompt_tokens(self) -> int:
         return sum(t * math.prod(f for _, f in self.levels[: i + 1]) for i, (t, _) in enumerate(self.levels))
 
-    def methods(self) -> list[str]:
+    def methods(self, cuda: bool = True) -> list[str]:
         shared = self.levels[0][1] == 1
-        return [m for m in METHODS if (m != STOCK_CHUNKED or self.chunk) and (m != bg.REUSE or shared)]
+        return [m for m in METHODS if (m != STOCK_CHUNKED or self.chunk) and (m != bg.REUSE or shared)
+                and (m != bg.STOCK_COMPILED or self.compiled) and (cuda or m not in CUDA_ONLY)]
 
     def generate_kwargs(self) -> dict:
         kw = dict(max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens, do_sample=self.copies > 1)
@@ -139,6 +145,7 @@ WORKLOADS = {w.name: w for w in [
     Workload("parallel-sampling", "llama-8b", ((2048, 1),), 256, copies=64),
     Workload("tree", "llama-8b", ((1024, 1), (2048, 8), (64, 8)), 128),
     Workload("no-sharing", "llama-8b", ((1024, 64),), 128),
+    Workload("batch-1", "llama-8b", ((16, 1),), 128, compiled=True),
 ]}
 CAPACITY = _doc("capacity", 8192, 1)  # the batch (questions) is searched
 CAPACITY_METHODS = (STOCK_CHUNKED, bg.EXPLICIT)
@@ -176,8 +183,10 @@ def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmu
     """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
     try:
         if warmup:
-            warm = (ids, mask) if method in (bg.FLASHFORGE, bg.EXPLICIT) else (ids[:2], mask[:2])
+            ours = method in (bg.EAGER, bg.GRAPH, bg.EXPLICIT)
+            warm = (ids, mask) if ours or method == bg.STOCK_COMPILED else (ids[:2], mask[:2])
             run_method(model, wl, method, *warm, max_new_tokens=2, min_new_tokens=2)
+            free_memory()
         return min((run_method(model, wl, method, ids, mask) for _ in range(repeats)), key=lambda r: r.total_s)
     except OOM_ERRORS:
         return "OOM"
@@ -213,7 +222,7 @@ def teacher_forced(model, ids, mask, forced, ours: bool) -> torch.Tensor:
         return torch.stack(out, 1)
     full_mask = torch.cat([mask, torch.ones_like(forced)], 1)
     with bg.attention(model, "sdpa"):
-        logits = model(input_ids=torch.cat([ids, forced], 1), attention_mask=full_mask,
+        logits = model(input_ids=torch.cat([ids, forced], 1), attention_mask=full_mask, use_cache=False,
                        position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=n + 1).logits
     return logits[:, :-1].float()
 
@@ -246,20 +255,28 @@ def greedy_agreement(a: bg.Run, b: bg.Run) -> float:
 
 def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
     """Share of rows whose first 16 greedy tokens equal stock's (the first of stock, stock-chunked and reuse
-    that ran: all three are transformers' sdpa math)."""
+    that ran: all three are transformers' sdpa math), for ours eager (greedy_agree) and with CUDA graphs
+    (greedy_agree_graph)."""
     stock = next((runs[m] for m in (bg.STOCK, STOCK_CHUNKED, bg.REUSE) if isinstance(runs.get(m), bg.Run)), None)
-    ours = runs.get(bg.FLASHFORGE)
+    ours = {m: runs.get(m) for m in (bg.EAGER, bg.GRAPH)}
     if wl.copies > 1:  # sampling: greedy runs of the prompts themselves
         greedy = replace(wl, copies=1, new_tokens=min(FORCED, wl.new_tokens))
         try:
-            stock, ours = (run_method(model, greedy, m, ids, mask) for m in (bg.STOCK, bg.FLASHFORGE))
+            stock = run_method(model, greedy, bg.STOCK, ids, mask)
+            ours = {m: run_method(model, greedy, m, ids, mask) for m in ours if m in runs}
         except OOM_ERRORS:
             stock = None
         free_memory()
-    if not isinstance(stock, bg.Run) or not isinstance(ours, bg.Run):
-        return dict(greedy_agree=None, greedy_ok=None)
-    share = greedy_agreement(stock, ours)
-    return dict(greedy_agree=share, greedy_ok=share >= GREEDY_SHARE)
+    out = {}
+    for m, key in ((bg.EAGER, "greedy_agree"), (bg.GRAPH, "greedy_agree_graph")):
+        run = ours.get(m)
+        out[key] = greedy_agreement(stock, run) if isinstance(stock, bg.Run) and isinstance(run, bg.Run) else None
+    share = [v for v in out.values() if v is not None]
+    out["greedy_ok"] = min(share) >= GREEDY_SHARE if share else None
+    # The noise floor of the criterion: two of transformers' own methods (same sdpa math, other shapes) agree?
+    base = [runs[m] for m in (bg.STOCK, STOCK_CHUNKED, bg.REUSE) if isinstance(runs.get(m), bg.Run)]
+    out["greedy_agree_baselines"] = greedy_agreement(base[0], base[1]) if len(base) >= 2 and wl.copies == 1 else None
+    return out
 
 
 # ---- one workload ------------------------------------------------------------------------------------------------
@@ -277,7 +294,7 @@ def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int =
     except OOM_ERRORS:
         checks = dict(logits_ok="OOM")
         free_memory()
-    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods()}
+    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(device.type == "cuda")}
     checks.update(greedy_check(model, wl, ids, mask, runs))
     return [dict(base, method=m, **(run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)), **checks)
             for m, r in runs.items()]
@@ -321,10 +338,10 @@ def capacity(model, wl: Workload, max_batch: int, tol: float = 0.05) -> list[dic
                 guess = int((free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
                              - one.peak_bytes + per_row) / per_row * 0.95)
         b, run = largest_batch(probe, max_batch, guess, tol)
-        if run:  # timed again after a warm-up at that batch
+        if run:  # timed again after a warm-up at that batch; at the edge of memory that may not fit: keep the probe's
             w = replace(wl, levels=(wl.levels[0], (wl.levels[1][0], b)))
-            run = measure(model, w, method, *w.batch(model.config.vocab_size, model.device))
-            run = run if isinstance(run, bg.Run) else None
+            again = measure(model, w, method, *w.batch(model.config.vocab_size, model.device))
+            run = again if isinstance(again, bg.Run) else run
         row = dict(workload=wl.name, model=wl.shape, rows=b, prompt_len=wl.prompt_len, new_tokens=wl.new_tokens,
                    method=method)
         rows.append(dict(row, **(run_metrics(run) if run else dict(status="OOM"))))
@@ -439,7 +456,7 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
 # ---- results -----------------------------------------------------------------------------------------------------
 COLUMNS = ["workload", "model", "rows", "prompt_len", "new_tokens", "method", "status", "ttft_ms", "tpot_ms",
            "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "check_rows",
-           "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_ok", "card", "date", "commit",
+           "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_agree_graph", "greedy_agree_baselines", "greedy_ok", "card", "date", "commit",
            "command"]
 
 
@@ -475,7 +492,7 @@ def _find(rows, workload, method):
     return next((r for r in rows if r["workload"] == workload and r["method"] == method and r.get("status") == "ok"), None)
 
 
-def _ratio(rows, workload, base_methods, key, ours=bg.FLASHFORGE):
+def _ratio(rows, workload, base_methods, key, ours=bg.EAGER):
     """Best baseline's ``key`` over ours (time-like keys: >1 means ours is faster)."""
     o = _find(rows, workload, ours)
     base = [_num(r, key) for m in base_methods if (r := _find(rows, workload, m))]
@@ -485,7 +502,8 @@ def _ratio(rows, workload, base_methods, key, ours=bg.FLASHFORGE):
 
 
 def targets(rows: list[dict], profile: dict | None) -> list[str]:
-    """The issue's targets (H100, 8B, eager) with measured values; "not run" where data is missing."""
+    """The targets of the eager issue (H100, 8B; "ours" = flashforge-eager) and of the CUDA-graph issue
+    ("graph" = flashforge-graph), with measured values; "not run" where data is missing."""
     def line(name, value, goal, ok):
         if value is None:
             return f"- {name}: not run"
@@ -499,7 +517,7 @@ def targets(rows: list[dict], profile: dict | None) -> list[str]:
         out.append(line(f"{w} TPOT, best baseline / ours", _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms"), ">= 1.8",
                         lambda v: v >= 1.8))
     for r in rows:
-        if r["method"] == bg.FLASHFORGE and r.get("status") == "ok" and _num(r, "unique_kv_gib"):
+        if r["method"] == bg.EAGER and r.get("status") == "ok" and _num(r, "unique_kv_gib"):
             out.append(line(f"{r['workload']} KV bytes / unique", _num(r, "kv_gib") / _num(r, "unique_kv_gib"),
                             "<= 1.05", lambda v: v <= 1.05))
     cap = {r["method"]: r for r in rows if r["workload"] == "capacity" and r.get("status") == "ok"}
@@ -514,6 +532,18 @@ def targets(rows: list[dict], profile: dict | None) -> list[str]:
     out.append(line("few-shot-1b total time, stock / ours", fs, ">= 1.0", lambda v: v >= 1.0))
     out.append(line("host us per layer per decode step (ours)", profile and profile["host_us_per_layer"], "<= 30",
                     lambda v: v <= 30))
+    out.append("")
+    out.append("CUDA graphs (flashforge-graph):")
+    for w in ("doc-qa-4k", "few-shot-8b"):
+        g = _find(rows, w, bg.GRAPH)
+        out.append(line(f"{w} graph TPOT / decode-step floor", g and _num(g, "tpot_ms") / _num(g, "floor_ms"),
+                        "<= 1.3", lambda v: v <= 1.3))
+        out.append(line(f"{w} TPOT, best stock method / graph", _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms", bg.GRAPH),
+                        ">= 5", lambda v: v >= 5))
+    g = _find(rows, "batch-1", bg.GRAPH)
+    out.append(line("batch-1 graph TPOT ms", g and _num(g, "tpot_ms"), "<= 8", lambda v: v <= 8))
+    out.append(line("batch-1 TPOT, stock-compiled / graph", _ratio(rows, "batch-1", [bg.STOCK_COMPILED], "tpot_ms",
+                                                                    bg.GRAPH), "> 1", lambda v: v > 1))
     return out
 
 
@@ -527,7 +557,8 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
             "unique_kv_gib", "floor_ms"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
-    checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_ok"]
+    checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree",
+              "greedy_agree_graph", "greedy_agree_baselines", "greedy_ok"]
     lines += ["", "## Correctness checks (before timing)", "", "| " + " | ".join(checks) + " |", "|" + "---|" * len(checks)]
     seen = set()
     for r in rows:
@@ -542,8 +573,8 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Speedup of ours (TPOT and TTFT, over the best stock method and over reuse) and KV-cache GiB per method,
-    per workload."""
+    """Speedup of ours, eager and with CUDA graphs (TPOT and TTFT, over the best of stock, stock-chunked and
+    reuse) and KV-cache GiB per method, per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -554,14 +585,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     x = range(len(workloads))
     for ax, key in zip(axes[:2], ("tpot_ms", "ttft_ms")):
-        for i, (label, base) in enumerate((("vs stock", stock), ("vs reuse", (bg.REUSE,)))):
-            ys = [_ratio(rows, w, base, key) or 0 for w in workloads]
-            ax.bar([j + 0.4 * i - 0.2 for j in x], ys, 0.4, label=label)
+        for i, ours in enumerate((bg.EAGER, bg.GRAPH)):
+            ys = [_ratio(rows, w, stock + (bg.REUSE,), key, ours) or 0 for w in workloads]
+            ax.bar([j + 0.4 * i - 0.2 for j in x], ys, 0.4, label=f"{ours} vs best baseline")
         ax.axhline(1, color="gray", lw=0.8)
         ax.set_ylabel(f"speedup of ours in {key.removesuffix('_ms').upper()}")
     for i, m in enumerate(METHODS):
         ys = [_num(r, "kv_gib") or 0 if (r := _find(rows, w, m)) else 0 for w in workloads]
-        axes[2].bar([j + 0.2 * i - 0.3 for j in x], ys, 0.2, label=m)
+        axes[2].bar([j + 0.14 * i - 0.35 for j in x], ys, 0.14, label=m)
     axes[2].set_ylabel("KV-cache GiB")
     axes[2].set_yscale("log")
     for ax in axes:
@@ -666,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows)
         rows = [dict(r, **stamp) for r in rows]
         for r in rows:
-            print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:20] if r.get(k) is not None))
+            print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:-4] if r.get(k) is not None))
         if profile:
             print("profile:", json.dumps(profile))
         write_results(rows, profile, stem, card)

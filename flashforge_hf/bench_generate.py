@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import flashforge_hf
 
 STOCK, FLASHFORGE, REUSE, EXPLICIT = "stock", "flashforge", "reuse", "flashforge-explicit"
+EAGER, GRAPH, STOCK_COMPILED = "flashforge-eager", "flashforge-graph", "stock-compiled"
 
 
 @dataclass
@@ -192,18 +193,39 @@ def explicit_generate(model, input_ids, attention_mask, **generate_kwargs):
 
 
 def flashforge_generate(model, input_ids, attention_mask, **generate_kwargs):
-    """FlashForge: :func:`flashforge_hf.generate`."""
+    """FlashForge as users get it: :func:`flashforge_hf.generate` (CUDA graphs where they apply)."""
     return flashforge_hf.generate(model, input_ids, attention_mask, **generate_kwargs)
 
 
-GENERATORS = {STOCK: stock_generate, FLASHFORGE: flashforge_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate}
+def eager_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """FlashForge with transformers' eager decoding loop: :func:`flashforge_hf.generate` with ``cuda_graph=False``."""
+    return flashforge_hf.generate(model, input_ids, attention_mask, cuda_graph=False, **generate_kwargs)
+
+
+def graph_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """FlashForge, each decode step replayed from a CUDA graph: :func:`flashforge_hf.generate` with
+    ``cuda_graph=True`` (CUDA only)."""
+    return flashforge_hf.generate(model, input_ids, attention_mask, cuda_graph=True, **generate_kwargs)
+
+
+def stock_compiled_generate(model, input_ids, attention_mask, **generate_kwargs):
+    """transformers' own fast path: sdpa with ``cache_implementation="static"``, whose forward ``generate``
+    compiles by itself (torch.compile, mode "reduce-overhead": CUDA graphs) on CUDA."""
+    with torch.inference_mode(), attention(model, "sdpa"):
+        return model.generate(input_ids, attention_mask=attention_mask, cache_implementation="static",
+                              **generate_kwargs)
+
+
+GENERATORS = {STOCK: stock_generate, FLASHFORGE: flashforge_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate,
+              EAGER: eager_generate, GRAPH: graph_generate, STOCK_COMPILED: stock_compiled_generate}
 
 
 def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | None = None, progress: bool = False,
                  **generate_kwargs) -> Run:
     """One timed generate call by ``mode``, a key of :data:`GENERATORS`: "stock" (sdpa + DynamicCache,
-    ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "reuse" (:func:`reuse_generate`) or
-    "flashforge-explicit" (:func:`explicit_generate`). ``model`` must be loaded with
+    ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "flashforge-eager" / "flashforge-graph"
+    (the same with CUDA graphs off / required), "reuse" (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or
+    "stock-compiled" (:func:`stock_compiled_generate`). ``model`` must be loaded with
     attn_implementation="flashforge". ``seed`` seeds torch right before the call (sampling); ``progress`` shows
     a bar of decode steps."""
     from tqdm.auto import tqdm
@@ -236,17 +258,23 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
                kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 
 
+def flashforge_mode(cuda_graph: bool | None) -> str:
+    """The FlashForge mode of :func:`flashforge_hf.generate`'s ``cuda_graph`` setting (None: auto)."""
+    return {None: FLASHFORGE, True: GRAPH, False: EAGER}[cuda_graph]
+
+
 def compare(model, input_ids, attention_mask, *, warmup: bool = True, seed: int | None = None,
-            progress: bool = True, **generate_kwargs) -> tuple[Run, Run]:
-    """Stock and FlashForge generate on the same batch: ``(stock, flashforge)``, both seeded with ``seed``.
-    ``warmup`` first runs both for two tokens on the same batch (kernel compilation, allocator warm-up) so that
-    the timings are steady."""
+            progress: bool = True, cuda_graph: bool | None = None, **generate_kwargs) -> tuple[Run, Run]:
+    """Stock and FlashForge generate on the same batch: ``(stock, flashforge)``, both seeded with ``seed``;
+    ``cuda_graph`` as in :func:`flashforge_hf.generate`. ``warmup`` first runs both for two tokens on the same
+    batch (kernel compilation, allocator warm-up) so that the timings are steady."""
+    ours = flashforge_mode(cuda_graph)
     if warmup:
         short = dict(generate_kwargs, max_new_tokens=2, min_new_tokens=None)
-        for mode in (STOCK, FLASHFORGE):
+        for mode in (STOCK, ours):
             run_generate(model, input_ids, attention_mask, mode, seed=seed, **short)
     return tuple(run_generate(model, input_ids, attention_mask, mode, seed=seed, progress=progress, **generate_kwargs)
-                 for mode in (STOCK, FLASHFORGE))
+                 for mode in (STOCK, ours))
 
 
 def same_tokens(a: Run, b: Run) -> bool:

@@ -8,7 +8,7 @@ Per layer it holds
 
 Hand-off to attention. transformers' attention functions never see the cache: a layer calls
 ``cache.update(k, v, layer_idx)`` and passes what it returns to the attention function. ``update`` stores the
-new K/V and returns views of them carrying a ``_flashforge`` attribute: a :class:`HandOff` naming this cache,
+new K/V and returns a view of the keys carrying a ``_flashforge`` attribute: a :class:`HandOff` naming this cache,
 the layer, the forward pass and the plan. The "flashforge" attention function consumes it (checking that it is
 for this layer and this forward pass) and runs the segment-forest attention. A hand-off that was not consumed
 when the next layer (or forward) updates the cache means another attention implementation ran: that raises,
@@ -16,10 +16,19 @@ as does using the cache with a model whose attention implementation is not "flas
 
 Column grid. The cache reports ``get_seq_length()`` in the columns of the caller's left-padded batch, so that
 ``generate`` feeds exactly the last prompt column: column c of the batch is suffix-buffer column c - base.
+Where the suffixes end (``end``, exclusive) lives in a device int32 [1] that the suffix kernel reads, so a plan
+stays valid as decoding advances it.
+
+Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_static` fixes the suffix buffers
+(no growth) and makes each forward pass write its one new token per row at the device column ``static_col``
+(int64 [1]) and attend up to ``end``; the caller advances both on the device after each step, and picks the
+plan with :meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one
+captured CUDA graph replays every step of a bucket.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +98,7 @@ class PrefixSharingLayer(CacheLayerMixin):
 class HandOff:
     """What one layer's attention needs from the cache for one forward pass (see module docstring)."""
 
-    cache: "PrefixSharingCache"
+    cache_ref: "weakref.ref[PrefixSharingCache]"  # weak: the cache holds its last hand-off (no reference cycle)
     layer_idx: int
     forward_id: int
     seg_k: torch.Tensor
@@ -100,8 +109,8 @@ class HandOff:
 
     def run(self, module, query: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """Consume the hand-off and compute the layer's attention: returns [R, Q, Hq, D]."""
-        cache = self.cache
-        if self.consumed or self.forward_id != cache._forward_id:
+        cache = self.cache_ref()
+        if cache is None or self.consumed or self.forward_id != cache._forward_id:
             raise RuntimeError(
                 f"Stale PrefixSharingCache hand-off for layer {self.layer_idx}: it belongs to an earlier forward pass."
             )
@@ -160,9 +169,12 @@ class PrefixSharingCache(Cache):
         self._expected_layer = 0
         self._last_handoff: HandOff | None = None
         self._plan: ForestPlan | None = None
-        self._plan_key = None
         self._seg_plan_cache: dict = {}
         self._workspace: dict = {}
+        self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
+        self.static_col: torch.Tensor | None = None  # int64 [1]: static mode's write column (None: not static)
+        self._static_bound = 0
+        self._static_plans: dict = {}
 
     # ---- what generate asks -------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -213,19 +225,20 @@ class PrefixSharingCache(Cache):
 
     # ---- update / hand-off --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Store this layer's new K/V ([R, Hkv, Q, D]) and return views that carry the attention hand-off."""
-        impl = getattr(self.config, "_attn_implementation", None)
-        if impl != ATTN_IMPLEMENTATION:
-            raise ValueError(
-                f"PrefixSharingCache needs attn_implementation='{ATTN_IMPLEMENTATION}', but the model uses '{impl}': "
-                f"load it with from_pretrained(..., attn_implementation='{ATTN_IMPLEMENTATION}') after `import flashforge_hf`."
-            )
+        """Store this layer's new K/V ([R, Hkv, Q, D]) and return (a view of the keys that carries the attention
+        hand-off, the values)."""
         if self._last_handoff is not None and not self._last_handoff.consumed:
             raise RuntimeError(
                 f"The attention of layer {self._last_handoff.layer_idx} did not read the PrefixSharingCache hand-off: "
                 f"another attention implementation ran on it."
             )
         if layer_idx == 0:
+            impl = getattr(self.config, "_attn_implementation", None)  # per forward: config reads cost microseconds
+            if impl != ATTN_IMPLEMENTATION:
+                raise ValueError(
+                    f"PrefixSharingCache needs attn_implementation='{ATTN_IMPLEMENTATION}', but the model uses '{impl}': "
+                    f"load it with from_pretrained(..., attn_implementation='{ATTN_IMPLEMENTATION}') after `import flashforge_hf`."
+                )
             if self._expected_layer not in (0, len(self.layers)):
                 raise RuntimeError(f"Forward pass interrupted after layer {self._expected_layer - 1}.")
             self._begin_forward(key_states)
@@ -243,6 +256,10 @@ class PrefixSharingCache(Cache):
             layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
             layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
             suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
+        elif self.static_col is not None:  # one token per row at the device column (CUDA-graph safe)
+            layer.suf_k.index_copy_(2, self.static_col, key_states)
+            layer.suf_v.index_copy_(2, self.static_col, value_states)
+            suf_k, suf_v = layer.suf_k, layer.suf_v
         else:
             self._ensure_storage(layer, key_states)
             q = key_states.shape[2]
@@ -250,12 +267,11 @@ class PrefixSharingCache(Cache):
             layer.suf_k[:, :, lo : lo + q] = key_states
             layer.suf_v[:, :, lo : lo + q] = value_states
             suf_k, suf_v = layer.suf_k, layer.suf_v
-        h = HandOff(self, layer_idx, self._forward_id, layer.seg_k, layer.seg_v, suf_k, suf_v)
+        h = HandOff(weakref.ref(self), layer_idx, self._forward_id, layer.seg_k, layer.seg_v, suf_k, suf_v)
         self._last_handoff = h
-        k_out, v_out = key_states.view_as(key_states), value_states.view_as(value_states)
+        k_out = key_states.view_as(key_states)  # the attention function finds the hand-off on the keys
         k_out._flashforge = h
-        v_out._flashforge = h
-        return k_out, v_out
+        return k_out, value_states
 
     def _check_shapes(self, layer, k, v):
         if k.device != self.device:
@@ -298,8 +314,13 @@ class PrefixSharingCache(Cache):
                     f"This PrefixSharingCache holds {self.num_rows} rows but the model got a batch of {k.shape[0]}: "
                     "pass the same num_return_sequences/num_beams to generate as to prefill_shared."
                 )
+            if self.static_col is not None:
+                if q != 1:
+                    raise ValueError(f"A PrefixSharingCache in static mode decodes one token per row, got {q}.")
+                return  # the caller keeps static_col, end and the cursor
             self._write_lo, self._write_hi = self.cursor, self.cursor + q
             self.cursor += q
+            self._end.fill_(self._write_hi)
         else:
             self._write_lo = self._write_hi = self.cursor
 
@@ -326,7 +347,16 @@ class PrefixSharingCache(Cache):
                 self._seg_plan_cache[key] = segment_part(
                     [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, Hkv, D, itemsize, self.device
                 )
-            plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._write_hi, Q, Hkv, self.device)
+            if self.static_col is not None:  # one plan per bucket, made for its largest end
+                bound = self._static_bound
+                plan = self._static_plans.get(bound)
+                if plan is None:
+                    plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, bound, Q, Hkv,
+                                        self.device)
+                    self._static_plans = {bound: plan}  # the buckets only grow: earlier plans are done with
+            else:
+                plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, self._write_hi, Q, Hkv,
+                                    self.device)
         plan.workspace = self._workspace
         self._plan = plan
         return plan
@@ -338,6 +368,41 @@ class PrefixSharingCache(Cache):
             chain.append(p)
             p = self.forest.seg_parent[p]
         return reversed(chain)
+
+    # ---- static decoding (driven by graphs.GraphDecoder) ----------------------------------------------------
+    def begin_static(self) -> None:
+        """Enter static decoding at the current cursor: the next forward writes column ``cursor`` (held in the
+        device tensor ``static_col``) and attends up to ``end`` = that column + 1 (see the module docstring).
+        The suffix buffers are allocated for the whole capacity now and never move afterwards."""
+        if self._stage is not None or self.layers[0].seg_k is None:
+            raise RuntimeError("begin_static() needs a prefilled PrefixSharingCache (see prefill_shared).")
+        for layer in self.layers:
+            if layer.suf_k is None or layer.suf_k.shape[2] < self.capacity:
+                self._write_lo, self._write_hi = self.cursor, self.capacity
+                self._ensure_storage(layer, layer.seg_k.new_empty(self.num_rows, layer.seg_k.shape[0], 0,
+                                                                  layer.seg_k.shape[2]))
+        self.static_col = torch.full((1,), self.cursor, dtype=torch.long, device=self.device)
+        self._end.fill_(self.cursor + 1)
+        self._static_plans = {}
+
+    def set_static_bound(self, bound: int) -> None:
+        """Plan the static forwards for every ``end`` up to ``bound`` (at most the capacity)."""
+        if bound > self.capacity:
+            raise ValueError(f"Static bound {bound} exceeds the suffix capacity {self.capacity}.")
+        self._static_bound = bound
+
+    def advance_static(self) -> None:
+        """After a static forward: the next one writes the next column and attends one column further (in place
+        on the device, so a captured CUDA graph advances them itself)."""
+        self.static_col += 1
+        self._end += 1
+
+    def end_static(self, cursor: int) -> None:
+        """Leave static decoding with ``cursor`` columns written (the host count of the static steps)."""
+        self.static_col = None
+        self._static_plans = {}
+        self.cursor = cursor
+        self._end.fill_(cursor)
 
     # ---- driven by prefill --------------------------------------------------------------------------------
     def begin_segment_pass(self, seg_ids: list[int], width: int) -> None:

@@ -28,6 +28,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+CUDA_GRAPH = {"auto": None, "on": True, "off": False}  # --cuda-graph -> flashforge_hf.generate(cuda_graph=...)
+
+
 def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool = False, max_new_tokens: int = 64) -> None:
     """The options every generating command takes: model, device, dtype, max new tokens, warm-up."""
     parser.add_argument("--model", required=model_required, metavar="PATH",
@@ -41,6 +44,9 @@ def add_model_args(parser: argparse.ArgumentParser, *, model_required: bool = Fa
                         help=f"new tokens per prompt at most (default {max_new_tokens})")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the two-token warm-up run of each mode before timing (faster, noisier timings)")
+    parser.add_argument("--cuda-graph", choices=list(CUDA_GRAPH), default="auto",
+                        help="FlashForge decoding replayed from CUDA graphs: auto (on CUDA when it applies), on "
+                        "(required), off (transformers' eager loop)")
 
 
 def load(args):
@@ -76,7 +82,7 @@ def cmd_demo(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if not chat:  # plain few-shot text: the model would go on with the next "Q:" block
         gen.update(stop_strings=["\nQ:"], tokenizer=tokenizer)
-    stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, **gen)
+    stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=CUDA_GRAPH[args.cuda_graph], **gen)
     texts = {run.mode: tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)}
     for i, (question, expected) in enumerate(questions):
         print(f"\nQ{i + 1}: {question}  (expected {expected})")
@@ -126,11 +132,13 @@ def cmd_generate(args) -> int:
         for batch in batches:
             ids, mask = encode(tokenizer, [p for _, p in batch], model.device)
             if args.stock:
-                stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, seed=args.seed, **gen)
+                stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, seed=args.seed,
+                                         cuda_graph=CUDA_GRAPH[args.cuda_graph], **gen)
                 print_comparison(stock, ours, file=sys.stderr)
                 all_identical &= bg.same_tokens(stock, ours)
             else:
-                ours = bg.run_generate(model, ids, mask, bg.FLASHFORGE, seed=args.seed, progress=True, **gen)
+                mode = bg.flashforge_mode(CUDA_GRAPH[args.cuda_graph])
+                ours = bg.run_generate(model, ids, mask, mode, seed=args.seed, progress=True, **gen)
                 print(f"batch of {len(batch)}: {ours.generated_tokens} tokens in {ours.total_s:.2f} s "
                       f"(TTFT {ours.ttft_s * 1e3:.0f} ms, {ours.tokens_per_s:.1f} tokens/s)", file=sys.stderr)
             texts = tokenizer.batch_decode(ours.new_ids, skip_special_tokens=True)

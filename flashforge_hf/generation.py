@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from tqdm.auto import tqdm
 
+from . import graphs
 from .cache import ATTN_IMPLEMENTATION, PrefixSharingCache
 from .compat import model_cache_kwarg
 from .prefix_tree import build_forest
@@ -242,8 +244,34 @@ def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     return None
 
 
+def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, kwargs: dict) -> bool:
+    """Whether decoding replays CUDA graphs (graphs.decode): ``cuda_graph`` None means on CUDA when the settings
+    allow it (else transformers' eager loop, said once); True requires it; False never."""
+    if cuda_graph is False:
+        return False
+    gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    gc.update(**{k: v for k, v in kwargs.items() if hasattr(gc, k)})
+    reasons = []
+    if model.device.type != "cuda":
+        reasons.append(f"the model is on {model.device.type}, not CUDA")
+    if max_new is None:
+        reasons.append("max_new_tokens is not set")
+    if why := graphs.unsupported(gc, kwargs):
+        reasons.append(why)
+    if kwargs.get("synced_gpus") or (torch.distributed.is_available() and torch.distributed.is_initialized()
+                                     and torch.distributed.get_world_size() > 1):
+        reasons.append("several processes (tensor parallel / synced GPUs)")
+    if not reasons:
+        return True
+    if cuda_graph:
+        raise NotImplementedError(f"cuda_graph=True cannot be served: {'; '.join(reasons)}. Pass cuda_graph=None or False.")
+    if model.device.type == "cuda":
+        graphs.warn_fallback("; ".join(reasons))
+    return False
+
+
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, min_shared_tokens: int = 16,
-             batch_size: int | None = None, progress: bool = True, **kwargs):
+             batch_size: int | None = None, progress: bool = True, cuda_graph: bool | None = None, **kwargs):
     """Drop-in for ``model.generate(input_ids, attention_mask=..., **kwargs)`` on a batch of shared-prefix prompts.
 
     Prefills each shared segment once into a :class:`PrefixSharingCache`, then runs transformers' generate on
@@ -258,6 +286,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     once per batch. Finished batches are padded with the pad token to the longest one, as one stock batch
     would be. Sampling then draws random numbers batch by batch (seeded runs differ from one stock batch), and
     ``return_dict_in_generate`` needs a single batch.
+
+    ``cuda_graph``: decode by replaying one CUDA graph per step (:mod:`flashforge_hf.graphs`: the host cost of a
+    step no longer grows with the layers; same tokens as the eager loop). None (default): on CUDA for greedy and
+    sampling with ``max_new_tokens`` known, otherwise transformers' eager loop (said once, with the reason);
+    True: required (raises when it cannot apply); False: transformers' eager loop.
     """
     for unsupported in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha", "cache", "past_key_values"):
         if kwargs.get(unsupported) is not None:
@@ -279,6 +312,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
+    if _graph_policy(model, cuda_graph, max_new, kwargs):
+        kwargs = graphs.decode_kwargs(model, kwargs)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)

@@ -107,9 +107,11 @@ def plan_segments(
     itemsize: int,
     device: torch.device,
     waves: int | None = None,
+    device_model: DeviceModel | None = None,
 ) -> tuple[SegmentTasks | None, list[int]]:
     """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints).
-    ``waves``: tasks per SM to aim at (default :data:`WAVES`)."""
+    ``waves``: tasks per SM to aim at (default :data:`WAVES`). ``device_model``: the card to plan for (default:
+    ``device``'s own; a GPU model plans GPU tiles and chunks for tensors on any device, which tests use)."""
     waves = WAVES if waves is None else waves
     R = len(paths)
     rows_of: dict[int, list[int]] = {}
@@ -118,8 +120,8 @@ def plan_segments(
             rows_of.setdefault(s, []).append(r)
     if not rows_of:
         return None, [0] * (R + 1)
-    dev = DeviceModel.for_device(device)
-    on_gpu = device.type == "cuda"
+    dev = device_model or DeviceModel.for_device(device)
+    on_gpu = dev is not _CPU_MODEL
     segs = sorted(rows_of)
     m_of = {s: len(rows_of[s]) * q_len * group for s in segs}
     if on_gpu:
@@ -138,15 +140,15 @@ def plan_segments(
     tiles = {s: math.ceil(m_of[s] / block_m) for s in segs}
     total = sum(tiles[s] * cost(seg_len[s], block_m) for s in segs)
     per_task = total / target_tasks
-    chunks = {}
+    chunks, step = {}, {}
     for s in segs:
-        if not on_gpu:
-            chunks[s] = 1
-            continue
-        seg_cost = cost(seg_len[s], block_m)
-        want = max(1, round(seg_cost / per_task)) if per_task > 0 else 1
-        max_chunks = math.ceil(seg_len[s] / block_n)
-        chunks[s] = min(want, max_chunks)
+        n = seg_len[s]
+        want = 1
+        if on_gpu and per_task > 0:
+            want = min(max(1, round(cost(n, block_m) / per_task)), math.ceil(n / block_n))
+        # Whole key tiles per chunk; rounding up to tiles can leave fewer (never empty) chunks than wanted.
+        step[s] = math.ceil(math.ceil(n / want) / min(block_n, n)) * min(block_n, n)
+        chunks[s] = math.ceil(n / step[s])
 
     # Partial slots: per row, its path's segment chunks in path order.
     row_slot_off = [0]
@@ -164,16 +166,12 @@ def plan_segments(
         seg_rows += rows_of[s]
         row_slot += [base_of[(s, r)] for r in rows_of[s]]
         n, c = seg_len[s], chunks[s]
-        step = math.ceil(math.ceil(n / c) / min(block_n, n)) * min(block_n, n)  # whole key tiles per chunk
-        for ci in range(c):
-            kv_lo, kv_hi = seg_start[s] + ci * step, seg_start[s] + min(n, (ci + 1) * step)
-            if kv_lo >= kv_hi:
-                continue
+        for ci in range(c):  # every chunk holds keys: each row's slots are all written
+            kv_lo, kv_hi = seg_start[s] + ci * step[s], seg_start[s] + min(n, (ci + 1) * step[s])
             for m_lo in range(0, m_of[s], block_m):
                 tasks.append((kv_lo, kv_hi, rows_lo, m_lo, min(m_of[s], m_lo + block_m), ci))
     # Longest tasks first, so that the tail of the grid is made of short ones.
     tasks.sort(key=lambda t: -(t[1] - t[0]))
-    # Chunks that were dropped for being empty never happen (step * (c - 1) < n by construction).
     host = tuple(tasks)
     # One host-to-device copy for the three tables, each starting 16-byte aligned (alignment picks the variant).
     parts = [[x for t in tasks for x in t], seg_rows, row_slot]
@@ -214,11 +212,14 @@ def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim
     return seg_tasks, row_slot_off, torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True)
 
 
-def plan_forward(segments, suffix_start: torch.Tensor, suffix_end: int, q_len: int, num_kv_heads: int, device) -> ForestPlan:
-    """A forward pass's plan from its ``segments`` part (see :func:`segment_part`) and where the suffixes end."""
+def plan_forward(segments, suffix_start: torch.Tensor, suffix_end: torch.Tensor, bound: int, q_len: int,
+                 num_kv_heads: int, device) -> ForestPlan:
+    """A forward pass's plan from its ``segments`` part (see :func:`segment_part`) and where the suffixes end:
+    ``suffix_end`` int32 [1] on ``device`` (read by the kernel), ``bound`` a host upper bound of it that sizes
+    the suffix splits. The plan stays valid while ``suffix_end`` grows up to ``bound`` (a CUDA graph replays it)."""
     seg_tasks, row_slot_off, row_slot_off_dev = segments
     R = len(row_slot_off) - 1
-    split_len, n_splits = plan_suffix_splits(R, num_kv_heads, suffix_end, q_len, device)
+    split_len, n_splits = plan_suffix_splits(R, num_kv_heads, bound, q_len, device)
     slot0 = row_slot_off[-1]
     return ForestPlan(
         segments=seg_tasks,
@@ -244,4 +245,5 @@ def make_plan(
 ) -> ForestPlan:
     """Plan one forward pass. ``suffix_start`` is int32 [R] on ``device``; everything else is host data."""
     segments = segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
-    return plan_forward(segments, suffix_start, suffix_end, q_len, num_kv_heads, device)
+    end = torch.full((1,), suffix_end, dtype=torch.int32, device=device)
+    return plan_forward(segments, suffix_start, end, suffix_end, q_len, num_kv_heads, device)

@@ -12,6 +12,10 @@ sees nothing here). Split j covers columns [j * split_len, (j + 1) * split_len) 
 slot0 + j * R + r (the suffix slots follow the segment slots, so the segment part of a plan stays valid
 while decoding changes the number of splits).
 
+``end`` is read from device memory (int32 [1]), so one bound launch (or one captured CUDA graph) serves every
+``end`` up to ``n_splits * split_len``: splits past ``end`` find no keys and write o = 0, lse = -inf. A row
+whose ``start`` is at or past ``end`` (a finished row, see graphs.py) costs no key loads.
+
 With one split, :func:`suffix_attention_merged` also does the merge (see merge.py) in the same program: it
 folds the row's segment partials (slots [row_slot_off[r], row_slot_off[r + 1]), written by an earlier
 launch) into its own result and writes out [R, Q, Hq, D] (model dtype, any strides, last dim contiguous),
@@ -31,11 +35,12 @@ from .merge import merge_partials_reference
 
 
 class SuffixTasks(NamedTuple):
-    """start: int32 [R] device; slot0, end, split_len, n_splits: Python ints (runtime values, never specialised)."""
+    """start: int32 [R] device; end: int32 [1] device (at most n_splits * split_len); slot0, split_len, n_splits:
+    Python ints (runtime values, never specialised)."""
 
     start: torch.Tensor
     slot0: int
-    end: int
+    end: torch.Tensor
     split_len: int
     n_splits: int
 
@@ -49,7 +54,7 @@ def suffix_attention_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_p
     Hkv = suf_k.shape[1]
     G = Hq // Hkv
     acc = torch.promote_types(q.dtype, torch.float32)
-    end = plan.end
+    end = int(plan.end)  # a host read: the reference is for the CPU path and tests
     qg = q.to(acc).reshape(R, Hkv, G, Q, D)
     cols = torch.arange(end, device=q.device)
     start = plan.start.long()[:, None, None]
@@ -82,13 +87,13 @@ def suffix_attention_merged_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part
     merge_partials_reference(o_part, lse_part, row_slot_off, plan.slot0, 1, out)
 
 
-@triton.jit(do_not_specialize=["R", "Q", "end", "split_len", "slot0", "q_tiles", "merge", "s_qr", "s_qh", "s_qt",
+@triton.jit(do_not_specialize=["R", "Q", "split_len", "slot0", "q_tiles", "merge", "s_qr", "s_qh", "s_qt",
                                "s_kr", "s_kh", "s_kn", "s_vr", "s_vh", "s_vn", "s_op", "s_ot", "s_oh", "s_lp", "s_lt",
                                "s_xr", "s_xt", "s_xh"])
 def _suffix_attention_kernel(
-    q_ptr, k_ptr, v_ptr, start_ptr, off_ptr, out_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, start_ptr, end_ptr, off_ptr, out_ptr, o_ptr, lse_ptr,
     qk_scale,  # sm_scale * log2(e)
-    R, Q, end, split_len, slot0, q_tiles,
+    R, Q, split_len, slot0, q_tiles,
     merge,  # 1: merge with the row's segment partials and write out (one split only); 0: write the partial
     s_qr, s_qh, s_qt, s_kr, s_kh, s_kn, s_vr, s_vh, s_vn,  # element strides // STRIDE_UNIT
     s_op, s_ot, s_oh, s_lp, s_lt, s_xr, s_xt, s_xh,  # (x: out)
@@ -102,6 +107,7 @@ def _suffix_attention_kernel(
     h = tl.program_id(1)
     j = tl.program_id(2)
     QG = Q * G
+    end = tl.load(end_ptr)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < QG
     t = offs_m // G
@@ -182,17 +188,17 @@ def bind_suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, 
     strides = (*q.stride()[:3], *suf_k.stride()[:3], *suf_v.stride()[:3], *o_part.stride()[:3],
                *lse_part.stride()[:2], *(out.stride()[:3] if merge else (0, 0, 0)))
     unit = stride_unit(*strides)
-    fixed = (plan.start, row_slot_off, out, o_part, lse_part)
+    fixed = (plan.start, plan.end, row_slot_off, out, o_part, lse_part)
     launch = _launch_suffix.bind(
         (R * q_tiles, Hkv, plan.n_splits),
         (q, suf_k, suf_v, *fixed),
-        (sm_scale * LOG2E, R, Q, plan.end, plan.split_len, plan.slot0, q_tiles, int(merge),
+        (sm_scale * LOG2E, R, Q, plan.split_len, plan.slot0, q_tiles, int(merge),
          *[s // unit for s in strides]),
         dict(G=G, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, STRIDE_UNIT=unit, DOT_PREC=dot_precision(q.dtype)),
         num_warps=num_warps, num_stages=num_stages,
     )
-    start, off = plan.start, row_slot_off
-    return lambda q, k, v, out: launch(q, k, v, start, off, out, o_part, lse_part)
+    start, end, off = plan.start, plan.end, row_slot_off
+    return lambda q, k, v, out: launch(q, k, v, start, end, off, out, o_part, lse_part)
 
 
 def suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, sm_scale: float) -> None:

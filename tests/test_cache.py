@@ -106,3 +106,23 @@ def test_pad_id_that_is_a_real_token_is_not_padding(pair):
     ids[:, ids.shape[1] - 20] = 0  # pad id inside the shared prefix, as a real token
     kw = dict(max_new_tokens=5, do_sample=False)
     assert torch.equal(sdpa.generate(input_ids=ids, attention_mask=mask, **kw), flashforge_hf.generate(ff, ids, mask, **kw))
+
+
+def test_cache_is_freed_without_the_garbage_collector(tmp_path):
+    """No reference cycle: a finished cache is freed as soon as the last reference goes (GPU memory with it)."""
+    import gc
+    import weakref
+
+    from tiny_models import load, save_tiny, tree_batch
+
+    model = load(save_tiny("llama", tmp_path), "flashforge")
+    ids, mask = tree_batch(seed=1)
+    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=3, min_shared_tokens=4)
+    model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, max_new_tokens=3, do_sample=False)
+    ref = weakref.ref(cache)
+    gc.disable()
+    try:
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -19,7 +19,7 @@ from flashforge_hf.kernels.merge import merge_partials, merge_partials_reference
 from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attention, segment_attention_reference
 from flashforge_hf.kernels.suffix_attention import (SuffixTasks, suffix_attention, suffix_attention_merged,
                                                     suffix_attention_merged_reference, suffix_attention_reference)
-from flashforge_hf.planner import make_plan
+from flashforge_hf.planner import DeviceModel, make_plan, plan_segments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py)")
@@ -105,12 +105,13 @@ def dense_attention(f: Forest, sm_scale, dtype):
     out = torch.zeros(R, Q, Hq, D, dtype=torch.float64)
     lse = torch.full((R, Q, Hq), float("-inf"), dtype=torch.float64)
     for r in range(R):
+        s0 = min(f.start[r], f.end)  # a start at or past end: no suffix keys (a finished row, see graphs.py)
         ks = [f.seg_k[:, f.seg_start[s]:f.seg_start[s] + f.seg_len[s]] for s in f.paths[r]]
         vs = [f.seg_v[:, f.seg_start[s]:f.seg_start[s] + f.seg_len[s]] for s in f.paths[r]]
-        k = torch.cat([*ks, f.suf_k[r, :, f.start[r]:f.end]], dim=1).cpu().to(dtype)
-        v = torch.cat([*vs, f.suf_v[r, :, f.start[r]:f.end]], dim=1).cpu().to(dtype)
-        n_seg = k.shape[1] - (f.end - f.start[r])
-        col = torch.cat([torch.full((n_seg,), -1), torch.arange(f.start[r], f.end)])  # segment keys: always visible
+        k = torch.cat([*ks, f.suf_k[r, :, s0:f.end]], dim=1).cpu().to(dtype)
+        v = torch.cat([*vs, f.suf_v[r, :, s0:f.end]], dim=1).cpu().to(dtype)
+        n_seg = k.shape[1] - (f.end - s0)
+        col = torch.cat([torch.full((n_seg,), -1), torch.arange(s0, f.end)])  # segment keys: always visible
         visible = col[None, :] <= (f.end - Q + torch.arange(Q))[:, None]  # [Q, N]
         k = k.repeat_interleave(G, dim=0)  # [Hq, N, D]
         v = v.repeat_interleave(G, dim=0)
@@ -135,10 +136,22 @@ def planner_plan(f: Forest, device="cpu"):
     return plan.segments, plan.suffix, plan.row_slot_off, plan.n_slots
 
 
-def manual_plan(f: Forest, chunk_len, block_m, split_len, seed=0, device="cpu"):
+H100 = DeviceModel(num_sms=132, bandwidth=3.0e12, flops=7.4e14)
+
+
+def gpu_plan(f: Forest, device="cpu"):
+    """The planner's tables for an H100 (GPU tiles, chunked segments) on tensors of any device."""
+    R, Hq, Q, D, Hkv = f.dims
+    seg, off = plan_segments(f.paths, f.seg_start, f.seg_len, Q, Hq // Hkv, Hkv, D, f.q.element_size(),
+                             torch.device(device), device_model=H100)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return seg, SuffixTasks(i32(f.start), off[-1], i32([f.end]), f.end, 1), i32(off), off[-1] + R
+
+
+def manual_plan(f: Forest, chunk_len, block_m, split_len, seed=0, device="cpu", bound=None):
     """Tables built by hand (the CPU planner neither chunks nor splits): every segment cut into chunks of
-    ``chunk_len`` keys, stacked queries tiled by ``block_m``, the suffix split every ``split_len`` columns;
-    tasks in random order."""
+    ``chunk_len`` keys, stacked queries tiled by ``block_m``, the suffix split every ``split_len`` columns up to
+    ``bound`` (default: end; larger, as a CUDA graph's plan for a growing suffix); tasks in random order."""
     R, Hq, Q, D, Hkv = f.dims
     G = Hq // Hkv
     rows_of = {}
@@ -165,8 +178,8 @@ def manual_plan(f: Forest, chunk_len, block_m, split_len, seed=0, device="cpu"):
     seg = SegmentTasks(i32(tasks).reshape(-1, 6), i32(seg_rows), i32(row_slot), block_m, 16, tuple(tasks)) \
         if tasks else None
     slot0 = row_slot_off[-1]
-    n_splits = math.ceil(f.end / split_len)
-    suf = SuffixTasks(i32(f.start), slot0, f.end, split_len, n_splits)
+    n_splits = math.ceil((bound or f.end) / split_len)
+    suf = SuffixTasks(i32(f.start), slot0, i32([f.end]), split_len, n_splits)
     return seg, suf, i32(row_slot_off), slot0 + n_splits * R
 
 
@@ -288,6 +301,43 @@ def test_long_segment():
     check_forest(f, manual_plan(f, chunk_len=1500, block_m=16, split_len=64), torch.float16)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_gpu_plans_write_every_partial_slot(rows, q_len):
+    """Every row's segment slots are written by exactly one task per (query, slot), for H100 plans of many
+    shapes (a chunk count rounded to whole key tiles once left slots unwritten: merged garbage)."""
+    for hkv in (1, 8):
+        for n in (1, 15, 16, 17, 650, 4096, 4097, 16384):
+            for G in (1, 4):
+                seg, off = plan_segments([[0, 1]] * rows, [0, n], [n, 3], q_len, G, hkv, 128, 2,
+                                         torch.device("cpu"), device_model=H100)
+                seg_rows, row_slot = seg.seg_rows.tolist(), seg.row_slot.tolist()
+                written = []
+                for kv_lo, kv_hi, rows_lo, m_lo, m_hi, chunk in seg.host:
+                    assert kv_lo < kv_hi
+                    written += [(row_slot[rows_lo + m // (q_len * G)] + chunk, m % (q_len * G)) for m in range(m_lo, m_hi)]
+                want = [(slot, m) for slot in range(off[-1]) for m in range(q_len * G)]
+                assert sorted(written) == want, (rows, q_len, hkv, n, G)
+
+
+def test_long_segment_with_gpu_chunking():
+    """A 4,096-token segment split the way an H100 plan splits it (8 KV heads: 33 chunks wanted, 32 whole
+    ones), through the kernels in the interpreter."""
+    f = make_forest(21, R=4, Hkv=8, G=4, D=32, Q=1, levels=1, seg_lens=[4096], suffix_lens=[3, 1, 0, 7],
+                    dtype=torch.float32)
+    check_forest(f, gpu_plan(f), torch.float32)
+
+
+@pytest.mark.parametrize("split_len", [3, 64])
+def test_plan_for_a_larger_end_and_finished_rows(split_len):
+    """A plan made for a larger end (splits past the end find no keys) serves the current end read from device
+    memory; rows whose start is at or past end (finished rows) see their segments only."""
+    f = make_forest(5, dtype=torch.float32, **FORESTS["gqa3_d80_2levels"])
+    f.start[1] = f.end  # finished: start moved to end, or past it
+    f.start[2] = f.end + 40
+    check_forest(f, manual_plan(f, chunk_len=7, block_m=16, split_len=split_len, bound=f.end + 50), torch.float32)
+
+
 def test_suffix_prefill_query_tiles():
     """Q * G = 160 stacked queries: two query tiles per row, causal among 40 new tokens, left padding."""
     f = make_forest(11, R=2, Hkv=1, G=4, D=64, Q=40, levels=1, seg_lens=[20], suffix_lens=[50, 25],
@@ -329,7 +379,8 @@ def test_suffix_reference_blocks_long_prefill_queries():
     k, v = torch.randn(R, Hkv, Q, D, dtype=torch.float64), torch.randn(R, Hkv, Q, D, dtype=torch.float64)
     o_part = torch.full((1, Q, Hkv * G, D), float("nan"), dtype=torch.float64)
     lse_part = torch.full((1, Q, Hkv * G), float("nan"), dtype=torch.float64)
-    plan = SuffixTasks(start=torch.zeros(R, dtype=torch.int32), slot0=0, end=Q, split_len=Q, n_splits=1)
+    plan = SuffixTasks(start=torch.zeros(R, dtype=torch.int32), slot0=0, end=torch.tensor([Q], dtype=torch.int32),
+                       split_len=Q, n_splits=1)
     suffix_attention_reference(q, k, v, plan, o_part, lse_part, 0.25)
     truth = torch.nn.functional.scaled_dot_product_attention(q, k.expand(R, G, Q, D), v.expand(R, G, Q, D),
                                                              is_causal=True, scale=0.25)

@@ -56,3 +56,27 @@ def test_teacher_forced_logits_within_half_precision_tolerance(folder, dtype):
     err_stock = (stock - ref).norm() / ref.norm()
     err_ours = (ours - ref).norm() / ref.norm()
     assert err_ours <= 2 * err_stock + 1e-6, (err_ours.item(), err_stock.item())
+
+
+@pytest.mark.parametrize("doc", [650, 4096])
+def test_long_shared_document_teacher_forced(doc):
+    """A shared document of 4k tokens (its decode plan splits it into 32 chunks where 33 were wanted) (8B head geometry: 32 query / 8 KV heads, head dim 128), four
+    questions: fp32 logits equal sdpa's to fp32 rounding; bf16 error against fp32 at most 2x sdpa's."""
+    folder = save_tiny("llama", f"/tmp/ff_long_{doc}", hidden_size=1024, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, max_position_embeddings=32768)
+    g = torch.Generator().manual_seed(doc)
+    shared = torch.randint(3, 90, (doc,), generator=g)
+    ids = torch.stack([torch.cat([shared, torch.randint(3, 90, (64,), generator=g)]) for _ in range(4)]).cuda()
+    mask = torch.ones_like(ids)
+    forced = torch.randint(3, 90, (4, 8), generator=g).cuda()
+    with torch.no_grad():
+        ref = teacher_forced(load(folder, "sdpa").cuda(), ids, mask, forced, ours=False)
+        ours32 = teacher_forced(load(folder, "flashforge").cuda(), ids, mask, forced, ours=True)
+        stock = teacher_forced(load(folder, "sdpa", torch.bfloat16).cuda(), ids, mask, forced, ours=False)
+        ours = teacher_forced(load(folder, "flashforge", torch.bfloat16).cuda(), ids, mask, forced, ours=True)
+    err32 = ((ours32 - ref).norm() / ref.norm()).item()
+    err_stock = ((stock - ref).norm() / ref.norm()).item()
+    err_ours = ((ours - ref).norm() / ref.norm()).item()
+    print(f"doc {doc}: fp32 {err32:.3g}; bf16 ours {err_ours:.3g} stock {err_stock:.3g}")
+    assert err32 < 1e-3, err32
+    assert err_ours <= 2 * err_stock + 1e-6, (err_ours, err_stock)

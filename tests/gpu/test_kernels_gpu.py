@@ -36,6 +36,7 @@ CASES = {
     "gqa8_d96_prefill": dict(R=4, Hkv=2, G=8, D=96, Q=200, levels=1, seg_lens=[1000],
                              suffix_lens=[200, 260, 150, 1]),
     "long_segment": dict(R=32, Hkv=8, G=4, D=128, Q=1, levels=2, seg_lens=[4097, 100], suffix_lens=[3, 2000] * 16),
+    "doc_prefill_4096": dict(R=1, Hkv=2, G=4, D=128, Q=4096, levels=1, seg_lens=[16], suffix_lens=[4096]),
 }
 
 
@@ -69,7 +70,7 @@ def test_forest_attention_bound_launches(name, split):
                      torch.device("cuda"))
     split_len = 16 if split else f.end
     n_splits = -(-f.end // split_len)
-    plan = ForestPlan(plan.segments, SuffixTasks(start, plan.suffix.slot0, f.end, split_len, n_splits),
+    plan = ForestPlan(plan.segments, SuffixTasks(start, plan.suffix.slot0, plan.suffix.end, split_len, n_splits),
                       plan.row_slot_off, plan.suffix.slot0 + n_splits * R, Q)
     assert (n_splits > 1) == split
     err, limit = _forest_call_error(f, plan)

@@ -1,0 +1,305 @@
+"""Decode without host overhead: every decode step of a batch replayed from one captured CUDA graph.
+
+Eager transformers spends tens of microseconds of Python per layer per decode step (about 25 ms a step on an
+8B model, whatever the batch); here the whole step (every layer's projections, FlashForge attention, the cache
+append, the logits) is captured once and replayed, so its host cost does not grow with the number of layers.
+
+How it stays valid as the suffixes grow. The cache runs in static mode (see cache.py): its suffix buffers are
+allocated for prompt + ``max_new_tokens`` up front and never move; each step writes its token at a device column
+and the suffix kernel reads where the suffixes end from device memory; the positions, the write column and the
+end are advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
+blocks) is made for the largest end of a bucket: bucket bounds are powers of two from 256 columns up, capped at
+the capacity, so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
+first step of every bucket runs eagerly with the bucket's plan (it also compiles what the graph needs), and the
+graph is captured right after it; graph and eager steps run the same kernels with the same plan, so they give
+identical results.
+
+:func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
+multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as
+transformers pads them). It never waits for the GPU inside the loop: whether every row has finished is copied to
+pinned host memory asynchronously and read once the GPU got there (the host runs at most :data:`LAG` steps
+ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
+past the end; the shared segments are read once for all rows anyway), unless scores or logits are returned:
+transformers keeps computing finished rows' logits, and so do we then. Off CUDA the same static steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import StoppingCriteriaList, StopStringCriteria
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .cache import PrefixSharingCache
+from .compat import model_cache_kwarg
+
+MIN_BUCKET = 256  # columns: the smallest bucket bound
+LAG = 4  # decode steps the host may run ahead of the GPU before it waits
+
+
+def bucket_bound(end: int, capacity: int) -> int:
+    """The bound of the bucket holding suffix end ``end``: the next power of two >= end (at least
+    :data:`MIN_BUCKET`), capped at ``capacity``."""
+    bound = MIN_BUCKET
+    while bound < end:
+        bound *= 2
+    return min(bound, capacity)
+
+
+class GraphDecoder:
+    """Decode steps of one batch on a prefilled :class:`PrefixSharingCache`, one token per row per step.
+
+    ``positions``: int64 [R], the position id of each row's next input token (its last prompt token at first).
+    ``use_graph``: capture and replay CUDA graphs (CUDA only); otherwise every step runs eagerly through the
+    same static path (same kernels, same plans). Call :meth:`close` when done (also on error): it leaves the
+    cache usable by an eager ``generate`` again.
+    """
+
+    def __init__(self, model, cache: PrefixSharingCache, positions: torch.Tensor, use_graph: bool):
+        if use_graph and cache.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device.")
+        self.model = model
+        self.cache = cache
+        self.use_graph = use_graph
+        R = cache.num_rows
+        device = cache.device
+        cache.begin_static()
+        self.cursor = cache.cursor  # host count of columns written
+        self.start0 = cache.suffix_start.clone()  # restored by close(): finished rows move theirs
+        self.ids = torch.zeros(R, 1, dtype=torch.long, device=device)
+        self.pos = positions.reshape(R, 1).to(device=device, dtype=torch.long).clone()
+        self.logits = torch.empty(R, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.kwarg = model_cache_kwarg(model)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.bound = 0
+        self.captures = 0
+        self.graph_bytes = 0  # CUDA memory the largest graph's pool held
+
+    def _forward(self) -> None:
+        """One decode step on the static buffers; advances positions, write column and end on the device."""
+        out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                         **{self.kwarg: self.cache})
+        self.logits.copy_(out.logits[:, -1])
+        self.pos += 1
+        self.cache.advance_static()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (int64 [R]) and return the next-token logits, float32 [R, V]: a buffer that the next
+        step overwrites (clone what you keep)."""
+        if self.cursor >= self.cache.capacity:
+            raise ValueError(
+                f"The PrefixSharingCache holds {self.cache.capacity} suffix columns and all are written: prefill "
+                "it with a larger max_new_tokens."
+            )
+        self.ids.copy_(tokens.reshape(-1, 1))
+        bound = bucket_bound(self.cursor + 1, self.cache.capacity)
+        if bound != self.bound:  # a new bucket: one eager step with its plan, then (CUDA) capture the rest
+            self.bound = bound
+            self.graph = None
+            self.cache.set_static_bound(bound)
+            if self.use_graph:
+                self._eager_then_capture()
+            else:
+                self._forward()
+        elif self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
+        self.cache.cursor = self.cursor = self.cursor + 1
+        return self.logits
+
+    def _eager_then_capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # the real step; it also compiles/allocates what the capture needs
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        if self.cursor + 1 >= self.bound:  # the bucket has no further step
+            return
+        before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # a private memory pool; the previous bucket's graph is already gone
+                self._forward()
+        except torch.cuda.OutOfMemoryError as e:
+            raise MemoryError(
+                f"Capturing the decode step of {self.cache.num_rows} rows as a CUDA graph ran out of GPU memory: "
+                "lower the batch (batch_size=) or max_new_tokens, or pass cuda_graph=False."
+            ) from e
+        self.graph = graph
+        self.captures += 1
+        self.graph_bytes = max(self.graph_bytes, torch.cuda.memory_reserved() - before)
+
+    def finish_rows(self, finished: torch.Tensor) -> None:
+        """Rows where ``finished`` (bool [R], device) is true stop costing suffix attention: their suffix start
+        moves past every end (their outputs are padding from now on). In place, so graphs see it."""
+        self.cache.suffix_start.masked_fill_(finished, torch.iinfo(torch.int32).max)
+
+    def close(self) -> None:
+        """Drop the graph, restore the finished rows' suffix starts and leave static mode; records
+        :data:`last_stats`."""
+        self.graph = None
+        self.cache.suffix_start.copy_(self.start0)
+        self.cache.end_static(self.cursor)
+        static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.start0))
+        last_stats.clear()
+        last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, captures=self.captures,
+                          graph_pool_bytes=self.graph_bytes, static_bytes=static)
+
+
+last_stats: dict = {}  # of the latest decode: rows, graphs (on/off), captures, graph_pool_bytes, static_bytes
+_fallback_warned: set = set()
+
+
+def unsupported(generation_config, model_kwargs: dict) -> str | None:
+    """Why :func:`decode` cannot serve these settings, or None."""
+    gc = generation_config
+    if (gc.num_beams or 1) > 1:
+        return "beam search"
+    for flag in ("output_attentions", "output_hidden_states"):
+        if getattr(gc, flag, False) and gc.return_dict_in_generate:
+            return flag
+    if getattr(gc, "is_assistant", False) or model_kwargs.get("assistant_model") is not None:
+        return "assisted generation"
+    return None
+
+
+def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True) -> dict:
+    """``kwargs`` of ``model.generate`` made ready for :func:`decode` as its ``custom_generate``.
+
+    transformers hands a ``custom_generate`` callable neither the ``tokenizer`` nor the ``streamer`` (5.17 to
+    5.24), so stop strings become a stopping criterion here and the streamer travels as ``graph_streamer``."""
+    kw = dict(kwargs, custom_generate=decode, cuda_graph=cuda_graph)
+    gc = kw.get("generation_config") or model.generation_config
+    stop = kw.pop("stop_strings", None) or getattr(gc, "stop_strings", None)
+    tokenizer = kw.pop("tokenizer", None)
+    if stop:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=... as well.")
+        criteria = StoppingCriteriaList(kw.get("stopping_criteria") or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop))
+        kw.update(stopping_criteria=criteria, stop_strings=None)
+    if kw.get("streamer") is not None:
+        kw["graph_streamer"] = kw.pop("streamer")
+    return kw
+
+
+def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
+           synced_gpus: bool = False, streamer=None, cuda_graph: bool = True, graph_streamer=None, **model_kwargs):
+    """transformers' sampling loop (greedy or multinomial) on a prefilled :class:`PrefixSharingCache`, each step
+    replayed from a CUDA graph (``cuda_graph``; on CUDA; off, the same static steps run eagerly). Use through
+    :func:`flashforge_hf.generate`, or as ``model.generate(**decode_kwargs(model, dict(..., past_key_values=cache)))``
+    (``cache=`` on transformers >= 5.24), which passes stop strings and a streamer on.
+
+    Same arguments and results as transformers' ``_sample``: ``input_ids`` [B, L] the (expanded) prompts,
+    returns the sequences [B, L + new] or a ``GenerateDecoderOnlyOutput`` with scores/logits when asked."""
+    if graph_streamer is not None:  # transformers did not see it: the prompt goes first, as generate would do
+        streamer = graph_streamer
+        streamer.put(input_ids.cpu())
+    kw = model_cache_kwarg(model)
+    cache = model_kwargs.get(kw)
+    if not isinstance(cache, PrefixSharingCache):
+        raise TypeError(f"flashforge_hf.graphs.decode needs a PrefixSharingCache as `{kw}` (see prefill_shared).")
+    why = unsupported(generation_config, model_kwargs)
+    if why:
+        raise NotImplementedError(f"flashforge_hf.graphs.decode does not support {why}: use the eager loop "
+                                  "(flashforge_hf.generate(..., cuda_graph=False)).")
+    if synced_gpus:
+        raise NotImplementedError("flashforge_hf.graphs.decode does not support synced_gpus (DeepSpeed ZeRO-3/FSDP).")
+    B, L = input_ids.shape
+    if B != cache.num_rows:
+        raise ValueError(f"The cache holds {cache.num_rows} rows but generate expanded the batch to {B}: pass "
+                         "the same num_return_sequences to generate as to prefill_shared.")
+    max_length = generation_config.max_length
+    new = max(0, max_length - L)
+    if cache.cursor + new > cache.capacity:
+        raise ValueError(
+            f"{new} new tokens do not fit the cache's suffix buffers ({cache.capacity - cache.cursor} columns left): "
+            "prefill it with max_new_tokens at least as large as generate's."
+        )
+    gc = generation_config
+    pad = gc._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    keep_scores = gc.return_dict_in_generate and gc.output_scores
+    keep_logits = gc.return_dict_in_generate and gc.output_logits
+    # Finished rows stop costing suffix attention, unless their (meaningless but returned) logits are asked for.
+    skip_finished = has_eos and not (keep_scores or keep_logits)
+    scores, raw = [], []
+    device = input_ids.device
+    mask = model_kwargs.get("attention_mask")
+    positions = (mask.long().sum(-1) - 1) if mask is not None else torch.full((B,), L - 1, device=device)
+    seq = torch.empty(B, L + new, dtype=input_ids.dtype, device=device)
+    seq[:, :L] = input_ids
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    cuda = device.type == "cuda"
+    done_host = torch.zeros(max(new, 1), dtype=torch.bool, pin_memory=cuda)
+    events: list = []
+    checked, stop = 0, None  # steps whose "all done" flag was read; the first step that finished every row
+    runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and cuda)
+    cursor0 = runner.cursor
+    try:
+        tokens = input_ids[:, -1]
+        for t in range(new):
+            logits = runner.step(tokens)
+            if keep_scores or keep_logits:  # kept past this step: out of the graph's buffer
+                logits = logits.clone()
+            if keep_logits:
+                raw.append(logits)  # the tensor the processors get, as in transformers' loop
+            next_scores = logits_processor(seq[:, : L + t], logits)
+            if keep_scores:
+                scores.append(next_scores)
+            if gc.do_sample:
+                tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(next_scores, dim=-1)
+            if has_eos:
+                tokens = torch.where(unfinished, tokens, pad)
+            seq[:, L + t] = tokens
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            unfinished &= ~stopping_criteria(seq[:, : L + t + 1], next_scores)
+            if skip_finished:
+                runner.finish_rows(~unfinished)
+            # Whether every row is done: copied to pinned memory and read once the GPU got there, never waited
+            # for, except that the host stays at most LAG steps ahead (so at most LAG steps run past the end).
+            done_host[t : t + 1].copy_(~unfinished.any().reshape(1), non_blocking=True)
+            if cuda:
+                events.append(torch.cuda.Event())
+                events[-1].record()
+                if t - checked >= LAG:
+                    events[checked].synchronize()
+            while checked <= t and (not cuda or events[checked].query()):
+                if bool(done_host[checked]):
+                    stop = checked
+                    break
+                checked += 1
+            if stop is not None:
+                break
+        else:
+            if cuda:
+                torch.cuda.current_stream().synchronize()
+            done = torch.nonzero(done_host[checked:new]).flatten()
+            stop = checked + int(done[0]) if len(done) else None
+        n = new if stop is None else stop + 1
+        runner.cursor = cursor0 + n  # steps run past the end are undone (their columns are never read)
+    finally:
+        runner.close()
+    if streamer is not None:
+        streamer.end()
+    seq = seq[:, : L + n]
+    if gc.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=seq, scores=tuple(scores[:n]) if keep_scores else None,
+            logits=tuple(raw[:n]) if keep_logits else None,
+            past_key_values=cache,
+        )
+    return seq
+
+
+def warn_fallback(reason: str) -> None:
+    """Say once per reason that flashforge_hf.generate runs transformers' eager loop instead of CUDA graphs."""
+    if reason not in _fallback_warned:
+        _fallback_warned.add(reason)
+        warnings.warn(f"flashforge_hf.generate: CUDA graphs off ({reason}); decoding runs transformers' eager loop.",
+                      stacklevel=3)

@@ -1,0 +1,183 @@
+"""The static decode loop of flashforge_hf.graphs on the CPU: the same steps a CUDA graph replays, run eagerly.
+
+Each test compares against transformers' own loop (``_sample``) on the same PrefixSharingCache (eager plans per
+step), over several plan buckets (MIN_BUCKET shrunk to 4 columns), so the device-side end, the bucket plans,
+the deferred stop check, early-finished rows and the trimming are exercised without a GPU. tests/gpu/ checks
+graph replay against these eager static steps on CUDA.
+"""
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import flashforge_hf
+from flashforge_hf import graphs
+from tiny_models import load, save_tiny, tree_batch
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load(save_tiny("qwen3", tmp_path_factory.mktemp("qwen3")), "flashforge")
+
+
+@pytest.fixture(autouse=True)
+def small_buckets(monkeypatch):
+    monkeypatch.setattr(graphs, "MIN_BUCKET", 4)
+
+
+def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
+    """generate on a fresh prefilled cache: our static loop (ours) or transformers' eager loop."""
+    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=kw["max_new_tokens"],
+                                                 num_copies=copies, min_shared_tokens=4)
+    if seed is not None:
+        torch.manual_seed(seed)
+    extra = dict(custom_generate=graphs.decode, cuda_graph=False) if ours else {}
+    out = model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, **extra, **kw)
+    return out, cache
+
+
+def test_bucket_bounds(monkeypatch):
+    monkeypatch.setattr(graphs, "MIN_BUCKET", 256)
+    assert [graphs.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)] == [256, 256, 512, 512, 1000, 1000]
+    assert graphs.bucket_bound(5, 100) == 100
+
+
+def test_greedy_over_buckets_equals_eager_loop(model):
+    ids, mask = tree_batch(seed=3)
+    eager, _ = _generate(model, ids, mask, False, max_new_tokens=20, do_sample=False)
+    ours, cache = _generate(model, ids, mask, True, max_new_tokens=20, do_sample=False)
+    assert torch.equal(eager, ours)
+    assert cache.static_col is None and cache.cursor == cache.suffix_len + 20  # left static mode, cursor right
+    assert graphs.last_stats["captures"] == 0 and not graphs.last_stats["graphs"]
+
+
+def test_seeded_sampling_with_processors_equals_eager_loop(model):
+    ids, mask = tree_batch(seed=4)
+    kw = dict(max_new_tokens=14, do_sample=True, top_k=30, top_p=0.9, temperature=0.8, repetition_penalty=1.3,
+              num_return_sequences=3)
+    eager, _ = _generate(model, ids, mask, False, seed=5, copies=3, **kw)
+    ours, _ = _generate(model, ids, mask, True, seed=5, copies=3, **kw)
+    assert ours.shape[0] == 3 * ids.shape[0] and torch.equal(eager, ours)
+
+
+class ForceEos(LogitsProcessor):
+    """Row r emits EOS at step ``at[r]`` and never before (None: never); records the cache's suffix starts seen
+    at each step."""
+
+    def __init__(self, at, eos, cache_box):
+        self.at, self.eos, self.cache_box, self.seen, self.step = at, eos, cache_box, [], 0
+
+    def __call__(self, input_ids, scores):
+        cache = self.cache_box.get("cache")
+        if cache is not None:
+            self.seen.append(cache.suffix_start.clone())
+        for r, k in enumerate(self.at):
+            if k == self.step:
+                scores[r] = -1e9
+                scores[r, self.eos] = 0.0
+            else:
+                scores[r, self.eos] = -1e9
+        self.step += 1
+        return scores
+
+
+@pytest.mark.parametrize("logits", [False, True], ids=["tokens", "with_logits"])
+@pytest.mark.parametrize("at", [[2, None, 5, 0, 3, 1, 7, 4], [2, 6, 5, 0, 3, 1, 7, 4]], ids=["some_rows", "all_rows"])
+def test_eos_rows_padded_stopped_and_skipped(model, at, logits):
+    """Rows that emit EOS are padded as transformers pads them; when every row has finished the loop stops and
+    the output is trimmed exactly where transformers' loop stops; finished rows' suffix starts move past the
+    end (no suffix attention) and are restored afterwards, except when logits are returned (then finished rows'
+    logits equal transformers')."""
+    ids, mask = tree_batch(seed=6)
+    eos = model.generation_config.eos_token_id
+    out_kw = dict(return_dict_in_generate=True, output_logits=True) if logits else {}
+    outs = []
+    for ours in (False, True):
+        box = {}
+        proc = ForceEos(at, eos, box)
+        cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=12, min_shared_tokens=4)
+        box["cache"] = cache
+        start0 = cache.suffix_start.clone()
+        extra = dict(custom_generate=graphs.decode, cuda_graph=False) if ours else {}
+        outs.append(model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, max_new_tokens=12,
+                                   do_sample=False, logits_processor=LogitsProcessorList([proc]), **extra, **out_kw))
+        assert torch.equal(cache.suffix_start, start0)
+        if ours:
+            big = torch.iinfo(torch.int32).max
+            for r, k in enumerate(at):  # seen[s] is read at step s, before that step's token
+                for s, starts in enumerate(proc.seen):
+                    assert (starts[r] == big) == (k is not None and s > k and not logits), (r, s)
+    eager, ours = outs
+    if logits:
+        for a, b in zip(eager.logits, ours.logits, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        eager, ours = eager.sequences, ours.sequences
+    assert torch.equal(eager, ours)
+    if None not in at:
+        assert ours.shape[1] == ids.shape[1] + max(at) + 1  # stopped at the last row's EOS
+
+
+def test_scores_and_logits_equal_eager_loop(model):
+    ids, mask = tree_batch(seed=8)
+    kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_scores=True,
+              output_logits=True, temperature=None, top_k=None, top_p=None, repetition_penalty=1.5)
+    eager, _ = _generate(model, ids, mask, False, **kw)
+    ours, cache = _generate(model, ids, mask, True, **kw)
+    assert torch.equal(eager.sequences, ours.sequences)
+    assert len(ours.scores) == len(ours.logits) == 9 and ours.past_key_values is cache
+    for a, b in zip(eager.scores + eager.logits, ours.scores + ours.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_errors_before_work(model):
+    ids, mask = tree_batch(seed=9)
+    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=4, min_shared_tokens=4)
+    kw = {flashforge_hf.cache_kwarg(model): cache}
+    with pytest.raises(ValueError, match="do not fit the cache's suffix buffers"):
+        model.generate(**inputs, **kw, custom_generate=graphs.decode, cuda_graph=False, max_new_tokens=50,
+                       do_sample=False)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(**inputs, **kw, custom_generate=graphs.decode, cuda_graph=False, max_new_tokens=4,
+                       num_beams=2, do_sample=False)
+    assert cache.static_col is None  # nothing was started
+    with pytest.raises(NotImplementedError, match="cuda_graph=True cannot be served: the model is on cpu"):
+        flashforge_hf.generate(model, ids, mask, max_new_tokens=4, cuda_graph=True)
+
+
+def test_stop_strings_and_streamer_reach_the_loop():
+    """transformers drops `tokenizer` and `streamer` for a custom_generate callable: decode_kwargs carries them
+    (stop strings as a stopping criterion); rows stop on the string and the streamer sees every token."""
+    from test_features import _char_tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.generation.streamers import BaseStreamer
+
+    from tiny_models import shared_prefix_batch
+
+    class Tape(BaseStreamer):
+        def __init__(self):
+            self.parts = []
+
+        def put(self, value):
+            self.parts.append(value.clone())
+
+        def end(self):
+            self.parts.append("end")
+
+    import tempfile
+
+    m = load(save_tiny("llama", tempfile.mkdtemp()), "flashforge")
+    ids, mask = shared_prefix_batch(seed=4, batch=1)
+    free = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), unk_token=" ", pad_token=" ")
+    stop = tok.decode(free[0, ids.shape[1] + 2 : ids.shape[1] + 4])
+    outs, tapes = [], []
+    for ours in (False, True):
+        tape = Tape()
+        cache, inputs = flashforge_hf.prefill_shared(m, ids, mask, max_new_tokens=8, min_shared_tokens=4)
+        kw = dict(inputs, max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=tok, pad_token_id=0,
+                  streamer=tape, **{flashforge_hf.cache_kwarg(m): cache})
+        outs.append(m.generate(**(graphs.decode_kwargs(m, kw, cuda_graph=False) if ours else kw)))
+        tapes.append(tape.parts)
+    assert torch.equal(outs[0], outs[1]) and outs[1].shape[1] == ids.shape[1] + 4  # stopped on the string
+    assert len(tapes[0]) == len(tapes[1]) == 1 + 4 + 1 and tapes[1][-1] == "end"
+    assert all(torch.equal(a, b) for a, b in zip(tapes[0][:-1], tapes[1][:-1]))

@@ -43,3 +43,29 @@ def test_smollm2_gsm8k_greedy_identical_to_sdpa():
     assert torch.equal(stock, ours)
     cache, _ = flashforge_hf.prefill_shared(ff, **batch)
     assert len(cache.forest.seg_tokens) >= 1 and len(cache.forest.seg_tokens[0]) > 600  # the 8-shot prefix, stored once
+
+
+@pytest.mark.slow
+def test_gpu_demo_script_prepares_and_runs(tmp_path):
+    """benchmarks/gpu_demo.py: `prepare` writes the model's config/tokenizer and GSM8K files (a few MiB, so they
+    travel to a GPU machine); `run` builds the random-weight model of that shape and runs the demo and the GSM8K
+    example (here on the CPU, tiny settings)."""
+    import subprocess
+    import sys
+
+    from flashforge_hf.models import ModelUnavailable, smollm2_path
+
+    if not DATA.is_dir():
+        pytest.skip(f"GSM8K data not found at {DATA}")
+    try:
+        smollm2_path()
+    except ModelUnavailable as e:
+        pytest.skip(str(e))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_demo.py"
+    folder, log = tmp_path / "demo", tmp_path / "log.txt"
+    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(DATA)], check=True)
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 16 * 2**20
+    subprocess.run([sys.executable, str(script), "run", str(folder), "--device", "cpu", "--questions", "1",
+                    "--max-new-tokens", "2", "--out", str(log)], check=True)
+    text = log.read_text()
+    assert "identical token ids: yes" in text and "GSM8K 8-shot CoT, 1 questions" in text

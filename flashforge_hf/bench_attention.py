@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -585,11 +586,21 @@ def main(argv=None) -> int:
     return 0
 
 
-def _git_commit() -> str:
+def _git_commit(root: Path | None = None) -> str:
+    """HEAD of the checkout ``root`` (default: the one this package runs from), with "+dirty" when tracked files
+    differ from it; "unknown" when ``root`` is not the top of a git checkout: a copy of the code inside another
+    repository (as a GPU machine's carried folder is) must not report that repository's HEAD; pass --commit."""
     import subprocess
 
+    root = (root or Path(__file__).resolve().parents[1]).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return "unknown"
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

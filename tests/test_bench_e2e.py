@@ -83,3 +83,19 @@ def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert {(r["workload"], r["method"]): r["status"] for r in rows}["doc-qa-4k", bg.STOCK] == "ok"
     assert len(rows) == len(got)
+
+
+def test_commit_is_only_read_from_our_own_checkout(tmp_path):
+    """A copy of the code inside another repository (a GPU machine's carried folder) reports "unknown", not that
+    repository's HEAD; our own checkout reports its HEAD."""
+    import subprocess
+    from pathlib import Path
+
+    from flashforge_hf.bench_attention import _git_commit
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "copy").mkdir()
+    assert _git_commit(tmp_path / "copy") == "unknown"
+    assert _git_commit(tmp_path) == "unknown"  # a repository without commits
+    ours = _git_commit(Path(be.__file__).resolve().parents[1])
+    assert ours == "unknown" or len(ours.split("+")[0]) == 40

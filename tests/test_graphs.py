@@ -181,3 +181,38 @@ def test_stop_strings_and_streamer_reach_the_loop():
     assert torch.equal(outs[0], outs[1]) and outs[1].shape[1] == ids.shape[1] + 4  # stopped on the string
     assert len(tapes[0]) == len(tapes[1]) == 1 + 4 + 1 and tapes[1][-1] == "end"
     assert all(torch.equal(a, b) for a, b in zip(tapes[0][:-1], tapes[1][:-1]))
+
+
+def test_generate_routes_through_the_loop_across_batches(monkeypatch):
+    """flashforge_hf.generate with the graph policy on (forced here; on CUDA it is the default) runs every batch
+    of a many-batch call through graphs.decode, stop strings included (the GSM8K example's setting), and equals
+    stock generate."""
+    import functools
+    import tempfile
+
+    from test_features import _char_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from flashforge_hf import generation
+    from tiny_models import shared_prefix_batch
+
+    folder = save_tiny("llama", tempfile.mkdtemp())
+    sdpa, ff = load(folder, "sdpa"), load(folder, "flashforge")
+    ids, mask = shared_prefix_batch(seed=4, batch=5)
+    free = sdpa.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=_char_tokenizer(), unk_token=" ", pad_token=" ")
+    stop = tok.decode(free[1, ids.shape[1] + 1 : ids.shape[1] + 3])
+    kw = dict(max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=tok, pad_token_id=0)
+    calls = []
+    real = graphs.decode
+
+    @functools.wraps(real)  # transformers reads the callable's signature
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_graph_policy", lambda *a: True)
+    monkeypatch.setattr(graphs, "decode", counted)
+    ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, batch_size=2, **kw)
+    stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert len(calls) == 3 and torch.equal(stock, ours)

@@ -403,7 +403,8 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
     """One decode step of ours on ``wl`` (prefilled with prefill_shared, then model forward steps as generate
     runs them): GPU (CPU off CUDA) time per kernel group from torch.profiler; our host time per layer per step
     (cache update, planning, attention launches: mean of ``steps`` steps, each followed by a synchronize);
-    host syncs in our code, cudaMalloc calls and suffix-buffer moves during the steps, plans per step."""
+    host syncs in our code (and the file:line each was issued from), cudaMalloc calls and suffix-buffer moves
+    during the steps, plans per step."""
     device = model.get_input_embeddings().weight.device
     cuda = device.type == "cuda"
     ids, _ = wl.batch(model.config.vocab_size, device)
@@ -431,7 +432,9 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
             for _ in range(steps):
                 tok = step(tok)
                 sync()
-        syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+        sync_warnings = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        syncs = len(sync_warnings)
+        sync_sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in sync_warnings})
         mallocs = (torch.cuda.memory_stats().get("segment.all.allocated", 0) - mallocs) if cuda else 0
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
@@ -449,7 +452,7 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
                 host_update_us_per_layer=per_layer("update_s"), host_plan_us_per_layer=per_layer("plan_s"),
                 host_attention_us_per_layer=per_layer("attention_s") - per_layer("plan_s"),
                 host_us_per_layer=per_layer("update_s") + per_layer("attention_s"),
-                plans_per_step=tally["plans"] / steps, host_syncs=syncs, cuda_mallocs=mallocs,
+                plans_per_step=tally["plans"] / steps, host_syncs=syncs, host_sync_sites=" ".join(sync_sites) or "-", cuda_mallocs=mallocs,
                 suffix_buffer_moved=cache.layers[0].suf_k.data_ptr() != ptr)
 
 

@@ -376,9 +376,9 @@ class PrefixSharingCache(Cache):
         The suffix buffers are allocated for the whole capacity now and never move afterwards."""
         if self._stage is not None or self.layers[0].seg_k is None:
             raise RuntimeError("begin_static() needs a prefilled PrefixSharingCache (see prefill_shared).")
+        self._write_lo, self._write_hi = self.cursor, self.capacity  # what _ensure_storage keeps and sizes for
         for layer in self.layers:
             if layer.suf_k is None or layer.suf_k.shape[2] < self.capacity:
-                self._write_lo, self._write_hi = self.cursor, self.capacity
                 self._ensure_storage(layer, layer.seg_k.new_empty(self.num_rows, layer.seg_k.shape[0], 0,
                                                                   layer.seg_k.shape[2]))
         self.static_col = torch.full((1,), self.cursor, dtype=torch.long, device=self.device)

@@ -244,13 +244,20 @@ def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     return None
 
 
-def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, kwargs: dict) -> bool:
-    """Whether decoding replays CUDA graphs (graphs.decode): ``cuda_graph`` None means on CUDA when the settings
-    allow it (else transformers' eager loop, said once); True requires it; False never."""
-    if cuda_graph is False:
-        return False
+def _generation_config(model, kwargs: dict):
+    """The settings generate will run with: the given (or the model's) generation config, a copy, with the
+    ``kwargs`` that name its fields applied."""
     gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
     gc.update(**{k: v for k, v in kwargs.items() if hasattr(gc, k)})
+    return gc
+
+
+def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, gc, kwargs: dict) -> bool:
+    """Whether decoding replays CUDA graphs (graphs.decode), for generate's settings ``gc`` (see
+    :func:`_generation_config`): ``cuda_graph`` None means on CUDA when the settings allow it (else transformers'
+    eager loop, said once); True requires it; False never."""
+    if cuda_graph is False:
+        return False
     reasons = []
     if model.device.type != "cuda":
         reasons.append(f"the model is on {model.device.type}, not CUDA")
@@ -301,10 +308,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     mask = _check_inputs(model, input_ids, attention_mask)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 prompts, got {batch_size}.")
-    gc = kwargs.get("generation_config") or model.generation_config
-    num_beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
-    nrs = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
-    copies = num_beams if num_beams > 1 else nrs
+    gc = _generation_config(model, kwargs)
+    num_beams = gc.num_beams or 1
+    copies = num_beams if num_beams > 1 else gc.num_return_sequences or 1
     B, width = input_ids.shape
     max_new = _max_new_tokens(model, width, kwargs)
     check_model(model, longest_row=width + (max_new or 0))
@@ -312,12 +318,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
-    if _graph_policy(model, cuda_graph, max_new, kwargs):
+    if _graph_policy(model, cuda_graph, max_new, gc, kwargs):
         kwargs = graphs.decode_kwargs(model, kwargs)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)
-    if kwargs.get("return_dict_in_generate", getattr(gc, "return_dict_in_generate", False)):
+    if gc.return_dict_in_generate:
         raise NotImplementedError(
             f"return_dict_in_generate needs all {B} prompts in one batch, but {per_batch} fit: pass a larger "
             "batch_size if memory allows, or call flashforge_hf.generate per batch."
@@ -331,9 +337,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                                  input_ids.device, segments=segments)
         outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
                                    **{kw: cache}, **kwargs))
-    pad = kwargs.get("pad_token_id", gc.pad_token_id)
+    pad = gc.pad_token_id
     if pad is None:
-        eos = kwargs.get("eos_token_id", gc.eos_token_id)
+        eos = gc.eos_token_id
         pad = eos[0] if isinstance(eos, (list, tuple)) else eos
     longest = max(o.shape[1] for o in outs)
     return torch.cat([torch.nn.functional.pad(o, (0, longest - o.shape[1]), value=pad if pad is not None else 0)

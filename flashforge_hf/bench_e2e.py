@@ -114,14 +114,7 @@ class Workload:
 
     def batch(self, vocab: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of the prompts (token ids drawn from [3, vocab))."""
-        g = torch.Generator().manual_seed(seed)
-        parts, nodes = [], 1
-        for tokens, fanout in self.levels:
-            nodes *= fanout
-            level = torch.randint(3, vocab, (nodes, tokens), generator=g)
-            parts.append(level.repeat_interleave(self.prompts // nodes, 0))
-        ids = torch.cat(parts, 1).to(device)
-        return ids, torch.ones_like(ids)
+        return bg.tree_batch(self.levels, vocab, device, seed)
 
     def scaled(self, scale: str) -> "Workload":
         """``full``: as defined; ``tiny``: lengths / 32 (at least 4), fanouts and copies at most 4, at most 8 new

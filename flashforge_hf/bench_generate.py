@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -336,13 +337,19 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int
     return model.eval()
 
 
-def synthetic_batch(batch: int, shared_len: int, suffix_len: int, vocab: int, device, seed: int = 0):
-    """``batch`` rows of random token ids sharing their first ``shared_len`` tokens; no padding (all rows have
-    the same length). Returns ``(input_ids, attention_mask)``."""
+def tree_batch(levels, vocab: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts shaped by a tree: ``levels[i] = (tokens, fanout)``, each node of level i-1 (one root above
+    level 0) has ``fanout`` children of ``tokens`` random ids in [3, vocab); one prompt per leaf, all equally
+    long (no padding). ``((shared, 1), (suffix, batch))`` is ``batch`` rows sharing ``shared`` tokens.
+    Returns ``(input_ids, attention_mask)``."""
     g = torch.Generator().manual_seed(seed)
-    shared = torch.randint(3, vocab, (shared_len,), generator=g)
-    rows = [torch.cat([shared, torch.randint(3, vocab, (suffix_len,), generator=g)]) for _ in range(batch)]
-    ids = torch.stack(rows).to(device)
+    prompts = math.prod(f for _, f in levels)
+    parts, nodes = [], 1
+    for tokens, fanout in levels:
+        nodes *= fanout
+        level = torch.randint(3, vocab, (nodes, tokens), generator=g)
+        parts.append(level.repeat_interleave(prompts // nodes, 0))
+    ids = torch.cat(parts, 1).to(device)
     return ids, torch.ones_like(ids)
 
 
@@ -359,7 +366,7 @@ def bench_generate(model, workloads: list[str], batch_sizes: list[int], max_new_
         spec = WORKLOADS[workload]
         shared = shared_len or spec["shared_len"]
         suffix = suffix_len or spec["suffix_len"]
-        ids, mask = synthetic_batch(batch, shared, suffix, model.config.vocab_size, device)
+        ids, mask = tree_batch(((shared, 1), (suffix, batch)), model.config.vocab_size, device)
         stock, ours = compare(model, ids, mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                               do_sample=False, progress=False)
         for run in (stock, ours):

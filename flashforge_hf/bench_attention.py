@@ -577,13 +577,21 @@ def main(argv=None) -> int:
     for line in targets(rows, host):
         print(line)
     if not args.no_write:
-        card = torch.cuda.get_device_name().lower()
-        tag = next((t for t in ("h200", "h100", "a100") if t in card), card.split()[-1])
+        tag = card_name(torch.device("cuda", torch.cuda.current_device()))[1]
         stem = args.out or os.path.join("benchmarks", "results", f"attention_{tag}")
         commit = args.commit or _git_commit()
         write_results(rows, host, stem, "python benchmarks/attention.py " + " ".join(argv), commit)
         print(f"wrote {stem}.csv and {stem}.md")
     return 0
+
+
+def card_name(device: torch.device) -> tuple[str, str]:
+    """``(card, tag)``: the device's name and a short file tag (h100, h200, ... or cpu)."""
+    if device.type != "cuda":
+        return "CPU", "cpu"
+    card = torch.cuda.get_device_name(device)
+    low = card.lower()
+    return card, next((t for t in ("h200", "h100", "a100") if t in low), low.split()[-1])
 
 
 def _git_commit(root: Path | None = None) -> str:

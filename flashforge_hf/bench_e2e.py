@@ -622,15 +622,6 @@ def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: 
 
 
 # ---- command -----------------------------------------------------------------------------------------------------
-def card_name(device: torch.device) -> tuple[str, str]:
-    """``(card, tag)``: the device's name and a short file tag (h100, h200, ... or cpu)."""
-    if device.type != "cuda":
-        return "CPU", "cpu"
-    card = torch.cuda.get_device_name(device)
-    low = card.lower()
-    return card, next((t for t in ("h200", "h100", "a100") if t in low), low.split()[-1])
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="benchmarks/generate.py", description=__doc__.split("\n\n")[0])
     names = list(WORKLOADS) + list(EXTRA)
@@ -657,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from .bench_attention import _git_commit
+    from .bench_attention import _git_commit, card_name
     from .models import resolve_device
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -83,12 +83,13 @@ def cmd_demo(args) -> int:
     if not chat:  # plain few-shot text: the model would go on with the next "Q:" block
         gen.update(stop_strings=["\nQ:"], tokenizer=tokenizer)
     stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=CUDA_GRAPH[args.cuda_graph], **gen)
-    texts = {run.mode: tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)}
+    texts = {label: tokenizer.batch_decode(run.new_ids, skip_special_tokens=True)
+             for label, run in (("stock", stock), ("flashforge", ours))}  # ours.mode names the --cuda-graph setting
     for i, (question, expected) in enumerate(questions):
         print(f"\nQ{i + 1}: {question}  (expected {expected})")
-        for mode in (bg.STOCK, bg.FLASHFORGE):
-            text = texts[mode][i].strip()
-            print(f"  {mode:>10}: {text}  -> {demo_prompts.extract_answer(text)}")
+        for label, rows in texts.items():
+            text = rows[i].strip()
+            print(f"  {label:>10}: {text}  -> {demo_prompts.extract_answer(text)}")
     print_comparison(stock, ours)
     return 0
 

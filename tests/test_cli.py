@@ -48,11 +48,13 @@ def test_help_lists_subcommands(capsys):
         assert command in out
 
 
-def test_demo(tiny_model):
-    result = run_cli("demo", "--model", tiny_model, "--num-questions", "3", "--max-new-tokens", "4", "--no-warmup")
+@pytest.mark.parametrize("graph", ["auto", "off"])
+def test_demo(tiny_model, graph):
+    result = run_cli("demo", "--model", tiny_model, "--num-questions", "3", "--max-new-tokens", "4", "--no-warmup",
+                     "--cuda-graph", graph)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "Q3:" in out and "Q4:" not in out
+    assert "Q3:" in out and "Q4:" not in out and out.count("flashforge: ") == 3
     for row in ("time to first token", "time per output token", "tokens/s", "KV-cache memory"):
         assert row in out
     assert "identical token ids: yes" in out

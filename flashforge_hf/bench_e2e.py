@@ -316,10 +316,9 @@ def capacity(model, wl: Workload, max_batch: int, tol: float = 0.05) -> list[dic
     batches 1 and 2; elsewhere (no memory limit) at ``max_batch``."""
     rows = []
     for method in CAPACITY_METHODS:
-        def probe(b):
+        def probe(b, warmup=False):
             w = replace(wl, levels=(wl.levels[0], (wl.levels[1][0], b)))
-            ids, mask = w.batch(model.config.vocab_size, model.device)
-            run = measure(model, w, method, ids, mask, warmup=False)
+            run = measure(model, w, method, *w.batch(model.config.vocab_size, model.device), warmup=warmup)
             return run if isinstance(run, bg.Run) else None
 
         guess = max_batch
@@ -332,9 +331,7 @@ def capacity(model, wl: Workload, max_batch: int, tol: float = 0.05) -> list[dic
                              - one.peak_bytes + per_row) / per_row * 0.95)
         b, run = largest_batch(probe, max_batch, guess, tol)
         if run:  # timed again after a warm-up at that batch; at the edge of memory that may not fit: keep the probe's
-            w = replace(wl, levels=(wl.levels[0], (wl.levels[1][0], b)))
-            again = measure(model, w, method, *w.batch(model.config.vocab_size, model.device))
-            run = again if isinstance(again, bg.Run) else run
+            run = probe(b, warmup=True) or run
         row = dict(workload=wl.name, model=wl.shape, rows=b, prompt_len=wl.prompt_len, new_tokens=wl.new_tokens,
                    method=method)
         rows.append(dict(row, **(run_metrics(run) if run else dict(status="OOM"))))

@@ -55,6 +55,7 @@ def test_gsm8k_several_batches_prefill_the_prefix_once_for_the_run(tiny_model):
     assert "identical token ids: 3/3 questions" in result.stdout
 
 
+@needs_data
 def test_bbh(tiny_model):
     result = run_example("fewshot_bbh", "--model", tiny_model, "--task", "navigate", "--limit", "2", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr

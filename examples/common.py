@@ -55,7 +55,7 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
                tokenizer=tokenizer)
     if len(prompts) <= args.batch_size:
         ids, mask = encode(tokenizer, prompts, model.device)
-        stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=cli.CUDA_GRAPH[args.cuda_graph],
+        stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **cli.decoding(args),
                               **gen)
         cli.print_comparison(stock, ours)
         new = {"stock": stock.new_ids, "flashforge": ours.new_ids}
@@ -70,7 +70,7 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
         ids, mask = encode(tokenizer, prompts, model.device)
         start_s = time.perf_counter()
         out = flashforge_hf.generate(model, ids, mask, batch_size=args.batch_size,
-                                     cuda_graph=cli.CUDA_GRAPH[args.cuda_graph], **gen)
+                                     **cli.decoding(args), **gen)
         ours_s = time.perf_counter() - start_s
         new["flashforge"] = generated_ids(out, ids.shape[1], stop_ids(model))
         tokens = {mode: sum(map(len, rows)) for mode, rows in new.items()}

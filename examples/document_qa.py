@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     document = fit_document(tokenizer, record["input"], questions, budget, args.truncate)
     ids, mask = encode(tokenizer, prompts_for(document, questions), model.device)
     print(f"{args.task} document {args.doc_index}: {len(questions)} questions, prompts of up to {ids.shape[1]} tokens")
-    stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=cli.CUDA_GRAPH[args.cuda_graph],
+    stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **cli.decoding(args),
                           max_new_tokens=args.max_new_tokens, do_sample=False)
     texts = [tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)]
     for i, (question, reference) in enumerate(zip(questions, references)):

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     chats = [[{"role": "system", "content": system}, {"role": "user", "content": r}] for r in requests]
     ids, mask = encode(tokenizer, chats, model.device)
     print(f"{len(tools)} tools, {len(requests)} requests, prompts of up to {ids.shape[1]} tokens")
-    stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, cuda_graph=cli.CUDA_GRAPH[args.cuda_graph],
+    stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **cli.decoding(args),
                           max_new_tokens=args.max_new_tokens, do_sample=False)
     texts = [tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)]
     for i, request in enumerate(requests):

@@ -3,7 +3,8 @@
 With a :class:`~flashforge_hf.cache.PrefixSharingCache`, the keys/values the attention function receives carry
 the cache's hand-off (see cache.py) and attention runs over the segment forest (Triton kernels on CUDA, the
 PyTorch reference elsewhere). With any other cache, or none, it is exactly transformers' SDPA attention, so a
-model loaded with ``attn_implementation="flashforge"`` behaves like "sdpa" in plain ``model.generate``.
+model loaded with ``attn_implementation="flashforge"`` behaves like "sdpa" in plain ``model.generate``
+(except that ``torch.compile`` does not trace into it: compiled code breaks around the attention).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.masking_utils import sdpa_mask
 from .compat import NAME, install_flash_predicate_fix
 
 
+@torch.compiler.disable  # torch.compile runs it as is (our kernels and the hand-off), between compiled graphs
 def flashforge_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,

@@ -13,7 +13,9 @@ Methods (:func:`flashforge_hf.bench_generate.run_generate`): "stock" (sdpa, Dyna
 (the same with ``prefill_chunk_size``, on the document workloads), "reuse" (the prefix-reuse pattern of the
 transformers docs: the prefix common to all rows prefilled once and its cache repeated to every row; not run
 where no prefix is common), "flashforge-eager" (:func:`flashforge_hf.generate` with transformers' eager decoding
-loop), "flashforge-graph" (the same, each decode step replayed from a CUDA graph; CUDA only) and, on batch-1,
+loop), "flashforge-graph" (the same, each decode step replayed from a CUDA graph; CUDA only),
+"flashforge-compiled" (the same with ``compile=True``: the step's non-attention work fused by torch.compile
+before capture; CUDA only) and, on batch-1,
 "stock-compiled" (transformers' static cache, its forward compiled by generate; CUDA only). A method that runs
 out of memory is recorded as "OOM".
 
@@ -24,9 +26,9 @@ plus every row's new tokens) and the floor of a decode step: (weight bytes + uni
 the generation) / 3.0 TB/s. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
 so its kernels compile for the timed shapes; the torch baselines on two prompts).
 
-Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (decode
-steps on a PrefixSharingCache) and stock (one sdpa pass) in the model's dtype against an fp32 copy of the model:
-ours passes when its relative L2 error is at most 2x stock's. Greedy agreement: the share of rows whose first
+Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (eager
+decode steps on a PrefixSharingCache; on CUDA also the compiled graph steps) and stock (one sdpa pass) in the
+model's dtype against an fp32 copy of the model: ours passes when its relative L2 error is at most 2x stock's. Greedy agreement: the share of rows whose first
 16 new tokens equal stock's (from the timed greedy runs; for the sampling workload from greedy runs of its
 prompt); the stock side is the first of stock, stock-chunked, reuse that ran; passes at 90%.
 
@@ -62,13 +64,15 @@ import torch
 import flashforge_hf
 from flashforge_hf import bench_generate as bg
 from flashforge_hf import cache as ff_cache
+from flashforge_hf import graphs
 
 BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
 FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
 GREEDY_SHARE = 0.9
 STOCK_CHUNKED = "stock-chunked"
-METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH)
-CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH)
+METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED)
+CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH, bg.COMPILED)
+OURS = (bg.EAGER, bg.GRAPH, bg.COMPILED)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
 
 
@@ -176,7 +180,7 @@ def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmu
     """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
     try:
         if warmup:
-            ours = method in (bg.EAGER, bg.GRAPH, bg.EXPLICIT)
+            ours = method in OURS + (bg.EXPLICIT,)
             warm = (ids, mask) if ours or method == bg.STOCK_COMPILED else (ids[:2], mask[:2])
             run_method(model, wl, method, *warm, max_new_tokens=2, min_new_tokens=2)
             free_memory()
@@ -201,10 +205,23 @@ def check_rows(prompts: int, n: int) -> list[int]:
     return sorted({r for s in starts for r in (s, s + 1) if r < prompts})[:n]
 
 
-def teacher_forced(model, ids, mask, forced, ours: bool) -> torch.Tensor:
+def teacher_forced(model, ids, mask, forced, ours: bool, compile: bool = False) -> torch.Tensor:
     """Logits [rows, steps, V] (float32) predicting each forced token after the left-padded prompts ``ids``/``mask``:
-    decode steps on a PrefixSharingCache (ours), else one sdpa pass over prompt + forced tokens."""
+    decode steps on a PrefixSharingCache (ours: eager; with ``compile``, the compiled steps of
+    ``flashforge_hf.generate(..., compile=True)``, replayed from CUDA graphs on CUDA), else one sdpa pass over
+    prompt + forced tokens."""
     n = forced.shape[1]
+    if ours and compile:
+        cache, _ = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=n)
+        runner = graphs.GraphDecoder(model, cache, mask.sum(-1) - 1, use_graph=ids.device.type == "cuda", compile=True)
+        out, tokens = [], ids[:, -1]
+        try:
+            for j in range(n):
+                out.append(runner.step(tokens).clone())
+                tokens = forced[:, j]
+        finally:
+            runner.close()
+        return torch.stack(out, 1)
     if ours:
         cache, _ = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=n)
         kw, pos, step_in, out = flashforge_hf.cache_kwarg(model), mask.sum(-1, keepdim=True) - 1, ids[:, -1:], []
@@ -228,6 +245,7 @@ def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
     with torch.no_grad():
         mask = torch.ones_like(sub)
         ours = teacher_forced(model, sub, mask, forced, ours=True)
+        compiled = teacher_forced(model, sub, mask, forced, ours=True, compile=True) if ids.is_cuda else None
         stock = teacher_forced(model, sub, mask, forced, ours=False)
         free_memory()
         reference = copy.deepcopy(model).float()
@@ -235,9 +253,10 @@ def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
         del reference
     free_memory()
     err_stock = float((stock - ref).norm() / ref.norm())
-    err_ours = float((ours - ref).norm() / ref.norm())
-    return dict(check_rows=sub.shape[0], logit_err_stock=err_stock, logit_err_ours=err_ours,
-                logits_ok=err_ours <= 2 * err_stock + 1e-6)
+    errs = [float((x - ref).norm() / ref.norm()) for x in (ours, compiled) if x is not None]
+    return dict(check_rows=sub.shape[0], logit_err_stock=err_stock, logit_err_ours=errs[0],
+                logit_err_compiled=errs[1] if len(errs) > 1 else None,
+                logits_ok=max(errs) <= 2 * err_stock + 1e-6)
 
 
 def greedy_agreement(a: bg.Run, b: bg.Run) -> float:
@@ -249,9 +268,9 @@ def greedy_agreement(a: bg.Run, b: bg.Run) -> float:
 def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
     """Share of rows whose first 16 greedy tokens equal stock's (the first of stock, stock-chunked and reuse
     that ran: all three are transformers' sdpa math), for ours eager (greedy_agree) and with CUDA graphs
-    (greedy_agree_graph)."""
+    (greedy_agree_graph) and compiled (greedy_agree_compiled)."""
     stock = next((runs[m] for m in (bg.STOCK, STOCK_CHUNKED, bg.REUSE) if isinstance(runs.get(m), bg.Run)), None)
-    ours = {m: runs.get(m) for m in (bg.EAGER, bg.GRAPH)}
+    ours = {m: runs.get(m) for m in OURS}
     if wl.copies > 1:  # sampling: greedy runs of the prompts themselves
         greedy = replace(wl, copies=1, new_tokens=min(FORCED, wl.new_tokens))
         try:
@@ -261,7 +280,7 @@ def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
             stock = None
         free_memory()
     out = {}
-    for m, key in ((bg.EAGER, "greedy_agree"), (bg.GRAPH, "greedy_agree_graph")):
+    for m, key in ((bg.EAGER, "greedy_agree"), (bg.GRAPH, "greedy_agree_graph"), (bg.COMPILED, "greedy_agree_compiled")):
         run = ours.get(m)
         out[key] = greedy_agreement(stock, run) if isinstance(stock, bg.Run) and isinstance(run, bg.Run) else None
     share = [v for v in out.values() if v is not None]
@@ -273,8 +292,9 @@ def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
 
 
 # ---- one workload ------------------------------------------------------------------------------------------------
-def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int = 4) -> list[dict]:
-    """Checks, then every method of ``wl``: one result dict per method."""
+def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int = 4,
+                   methods: list[str] | None = None) -> list[dict]:
+    """Checks, then every method of ``wl`` (those of them in ``methods`` when given): one result dict per method."""
     device = model.get_input_embeddings().weight.device
     ids, mask = wl.batch(model.config.vocab_size, device)
     per_token = kv_per_token(model)
@@ -287,7 +307,8 @@ def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int =
     except OOM_ERRORS:
         checks = dict(logits_ok="OOM")
         free_memory()
-    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(device.type == "cuda")}
+    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(device.type == "cuda")
+            if methods is None or m in methods}
     checks.update(greedy_check(model, wl, ids, mask, runs))
     return [dict(base, method=m, **(run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)), **checks)
             for m, r in runs.items()]
@@ -449,7 +470,8 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
 # ---- results -----------------------------------------------------------------------------------------------------
 COLUMNS = ["workload", "model", "rows", "prompt_len", "new_tokens", "method", "status", "ttft_ms", "tpot_ms",
            "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "check_rows",
-           "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree", "greedy_agree_graph", "greedy_agree_baselines", "greedy_ok", "card", "date", "commit",
+           "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok", "greedy_agree", "greedy_agree_graph",
+           "greedy_agree_compiled", "greedy_agree_baselines", "greedy_ok", "card", "date", "commit",
            "command"]
 
 
@@ -460,10 +482,12 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` rows of workloads not in ``new``, then ``new``."""
-    done = {r["workload"] for r in new}
-    return [r for r in old if r["workload"] not in done] + new
+def merge(old: list[dict], new: list[dict], by_method: bool = False) -> list[dict]:
+    """``old`` rows of workloads not in ``new`` (``by_method``: of workload and method pairs not in ``new``), then
+    ``new``."""
+    key = (lambda r: (r["workload"], r["method"])) if by_method else (lambda r: r["workload"])
+    done = {key(r) for r in new}
+    return [r for r in old if key(r) not in done] + new
 
 
 def _num(row: dict, key: str) -> float | None:
@@ -496,7 +520,7 @@ def _ratio(rows, workload, base_methods, key, ours=bg.EAGER):
 
 def targets(rows: list[dict], profile: dict | None) -> list[str]:
     """The targets of the eager issue (H100, 8B; "ours" = flashforge-eager) and of the CUDA-graph issue
-    ("graph" = flashforge-graph), with measured values; "not run" where data is missing."""
+    (flashforge-graph and flashforge-compiled), with measured values; "not run" where data is missing."""
     def line(name, value, goal, ok):
         if value is None:
             return f"- {name}: not run"
@@ -525,18 +549,18 @@ def targets(rows: list[dict], profile: dict | None) -> list[str]:
     out.append(line("few-shot-1b total time, stock / ours", fs, ">= 1.0", lambda v: v >= 1.0))
     out.append(line("host us per layer per decode step (ours)", profile and profile["host_us_per_layer"], "<= 30",
                     lambda v: v <= 30))
-    out.append("")
-    out.append("CUDA graphs (flashforge-graph):")
-    for w in ("doc-qa-4k", "few-shot-8b"):
-        g = _find(rows, w, bg.GRAPH)
-        out.append(line(f"{w} graph TPOT / decode-step floor", g and _num(g, "tpot_ms") / _num(g, "floor_ms"),
-                        "<= 1.3", lambda v: v <= 1.3))
-        out.append(line(f"{w} TPOT, best stock method / graph", _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms", bg.GRAPH),
-                        ">= 5", lambda v: v >= 5))
-    g = _find(rows, "batch-1", bg.GRAPH)
-    out.append(line("batch-1 graph TPOT ms", g and _num(g, "tpot_ms"), "<= 8", lambda v: v <= 8))
-    out.append(line("batch-1 TPOT, stock-compiled / graph", _ratio(rows, "batch-1", [bg.STOCK_COMPILED], "tpot_ms",
-                                                                    bg.GRAPH), "> 1", lambda v: v > 1))
+    for ours in (bg.GRAPH, bg.COMPILED):
+        out += ["", f"CUDA graphs ({ours}):"]
+        for w in ("doc-qa-4k", "few-shot-8b"):
+            g = _find(rows, w, ours)
+            out.append(line(f"{w} TPOT / decode-step floor", g and _num(g, "tpot_ms") / _num(g, "floor_ms"),
+                            "<= 1.3", lambda v: v <= 1.3))
+            out.append(line(f"{w} TPOT, best stock method / {ours}",
+                            _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms", ours), ">= 5", lambda v: v >= 5))
+        g = _find(rows, "batch-1", ours)
+        out.append(line("batch-1 TPOT ms", g and _num(g, "tpot_ms"), "<= 8", lambda v: v <= 8))
+        out.append(line(f"batch-1 TPOT, stock-compiled / {ours}",
+                        _ratio(rows, "batch-1", [bg.STOCK_COMPILED], "tpot_ms", ours), "> 1", lambda v: v > 1))
     return out
 
 
@@ -550,8 +574,8 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
             "unique_kv_gib", "floor_ms"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
-    checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logits_ok", "greedy_agree",
-              "greedy_agree_graph", "greedy_agree_baselines", "greedy_ok"]
+    checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok",
+              "greedy_agree", "greedy_agree_graph", "greedy_agree_compiled", "greedy_agree_baselines", "greedy_ok"]
     lines += ["", "## Correctness checks (before timing)", "", "| " + " | ".join(checks) + " |", "|" + "---|" * len(checks)]
     seen = set()
     for r in rows:
@@ -566,7 +590,7 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Speedup of ours, eager and with CUDA graphs (TPOT and TTFT, over the best of stock, stock-chunked and
+    """Speedup of ours, eager, with CUDA graphs and compiled (TPOT and TTFT, over the best of stock, stock-chunked and
     reuse) and KV-cache GiB per method, per workload."""
     import matplotlib
 
@@ -578,14 +602,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     x = range(len(workloads))
     for ax, key in zip(axes[:2], ("tpot_ms", "ttft_ms")):
-        for i, ours in enumerate((bg.EAGER, bg.GRAPH)):
+        for i, ours in enumerate(OURS):
             ys = [_ratio(rows, w, stock + (bg.REUSE,), key, ours) or 0 for w in workloads]
-            ax.bar([j + 0.4 * i - 0.2 for j in x], ys, 0.4, label=f"{ours} vs best baseline")
+            ax.bar([j + 0.27 * i - 0.27 for j in x], ys, 0.27, label=f"{ours} vs best baseline")
         ax.axhline(1, color="gray", lw=0.8)
         ax.set_ylabel(f"speedup of ours in {key.removesuffix('_ms').upper()}")
     for i, m in enumerate(METHODS):
         ys = [_num(r, "kv_gib") or 0 if (r := _find(rows, w, m)) else 0 for w in workloads]
-        axes[2].bar([j + 0.14 * i - 0.35 for j in x], ys, 0.14, label=m)
+        axes[2].bar([j + 0.12 * i - 0.36 for j in x], ys, 0.12, label=m)
     axes[2].set_ylabel("KV-cache GiB")
     axes[2].set_yscale("log")
     for ax in axes:
@@ -598,10 +622,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str) -> None:
+def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str, by_method: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, profile_path = stem.with_suffix(".csv"), stem.parent / f"{stem.name}_profile.json"
-    rows = merge(read_csv(csv_path), [{k: r.get(k) for k in COLUMNS} for r in new_rows])
+    rows = merge(read_csv(csv_path), [{k: r.get(k) for k in COLUMNS} for r in new_rows], by_method)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
@@ -627,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", choices=["full", "tiny"], default="full",
                     help="full: the issue's shapes; tiny: every length / 32, at most 4 rows per level, 8 new tokens, "
                     "a tiny model (CPU, seconds)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                    help=f"run only these methods of each workload (default all): {', '.join(METHODS)}; the other "
+                    "methods' rows of an earlier run stay in the results")
     ap.add_argument("--repeats", type=int, default=1, help="best of N timed runs per method (default 1)")
     ap.add_argument("--check-rows", type=int, default=4, help="prompts in the teacher-forced logits check (default 4)")
     ap.add_argument("--profile-workload", choices=list(WORKLOADS), default="doc-qa-4k",
@@ -678,12 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "capacity":
             rows = capacity(model, wl, args.max_batch if args.scale == "full" else min(args.max_batch, 8))
         else:
-            rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows)
+            rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows, methods=args.methods)
         rows = [dict(r, **stamp) for r in rows]
         for r in rows:
             print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:-4] if r.get(k) is not None))
         if profile:
             print("profile:", json.dumps(profile))
-        write_results(rows, profile, stem, card)
+        write_results(rows, profile, stem, card, by_method=args.methods is not None)
         print(f"{name}: {time.perf_counter() - t0:.1f} s; wrote {stem}.csv/.md/.png")
     return 0

@@ -33,7 +33,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import flashforge_hf
 
 STOCK, FLASHFORGE, REUSE, EXPLICIT = "stock", "flashforge", "reuse", "flashforge-explicit"
-EAGER, GRAPH, STOCK_COMPILED = "flashforge-eager", "flashforge-graph", "stock-compiled"
+EAGER, GRAPH, COMPILED = "flashforge-eager", "flashforge-graph", "flashforge-compiled"
+STOCK_COMPILED = "stock-compiled"
 
 
 @dataclass
@@ -193,20 +194,16 @@ def explicit_generate(model, input_ids, attention_mask, **generate_kwargs):
     return model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, **generate_kwargs)
 
 
-def flashforge_generate(model, input_ids, attention_mask, **generate_kwargs):
-    """FlashForge as users get it: :func:`flashforge_hf.generate` (CUDA graphs where they apply)."""
-    return flashforge_hf.generate(model, input_ids, attention_mask, **generate_kwargs)
+# FlashForge modes: flashforge_hf.generate with these settings (the default: CUDA graphs where they apply).
+FLASHFORGE_SETTINGS = {FLASHFORGE: {}, EAGER: dict(cuda_graph=False), GRAPH: dict(cuda_graph=True),
+                       COMPILED: dict(compile=True)}
 
 
-def eager_generate(model, input_ids, attention_mask, **generate_kwargs):
-    """FlashForge with transformers' eager decoding loop: :func:`flashforge_hf.generate` with ``cuda_graph=False``."""
-    return flashforge_hf.generate(model, input_ids, attention_mask, cuda_graph=False, **generate_kwargs)
+def _flashforge_generator(settings: dict):
+    def run(model, input_ids, attention_mask, **generate_kwargs):
+        return flashforge_hf.generate(model, input_ids, attention_mask, **settings, **generate_kwargs)
 
-
-def graph_generate(model, input_ids, attention_mask, **generate_kwargs):
-    """FlashForge, each decode step replayed from a CUDA graph: :func:`flashforge_hf.generate` with
-    ``cuda_graph=True`` (CUDA only)."""
-    return flashforge_hf.generate(model, input_ids, attention_mask, cuda_graph=True, **generate_kwargs)
+    return run
 
 
 def stock_compiled_generate(model, input_ids, attention_mask, **generate_kwargs):
@@ -217,15 +214,16 @@ def stock_compiled_generate(model, input_ids, attention_mask, **generate_kwargs)
                               **generate_kwargs)
 
 
-GENERATORS = {STOCK: stock_generate, FLASHFORGE: flashforge_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate,
-              EAGER: eager_generate, GRAPH: graph_generate, STOCK_COMPILED: stock_compiled_generate}
+GENERATORS = {STOCK: stock_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate,
+              STOCK_COMPILED: stock_compiled_generate,
+              **{mode: _flashforge_generator(settings) for mode, settings in FLASHFORGE_SETTINGS.items()}}
 
 
 def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | None = None, progress: bool = False,
                  **generate_kwargs) -> Run:
     """One timed generate call by ``mode``, a key of :data:`GENERATORS`: "stock" (sdpa + DynamicCache,
-    ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "flashforge-eager" / "flashforge-graph"
-    (the same with CUDA graphs off / required), "reuse" (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or
+    ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "flashforge-eager" / "flashforge-graph" /
+    "flashforge-compiled" (the same with CUDA graphs off / required / ``compile=True``), "reuse" (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or
     "stock-compiled" (:func:`stock_compiled_generate`). ``model`` must be loaded with
     attn_implementation="flashforge". ``seed`` seeds torch right before the call (sampling); ``progress`` shows
     a bar of decode steps."""
@@ -259,17 +257,23 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
                kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 
 
-def flashforge_mode(cuda_graph: bool | None) -> str:
-    """The FlashForge mode of :func:`flashforge_hf.generate`'s ``cuda_graph`` setting (None: auto)."""
+def flashforge_mode(cuda_graph: bool | None, compile: bool = False) -> str:
+    """The FlashForge mode of :func:`flashforge_hf.generate`'s ``cuda_graph`` (None: auto) and ``compile``
+    settings (compile: with CUDA graphs where they apply)."""
+    if compile:
+        if cuda_graph is not None:
+            raise ValueError("The compiled mode takes CUDA graphs where they apply: leave cuda_graph at auto.")
+        return COMPILED
     return {None: FLASHFORGE, True: GRAPH, False: EAGER}[cuda_graph]
 
 
 def compare(model, input_ids, attention_mask, *, warmup: bool = True, seed: int | None = None,
-            progress: bool = True, cuda_graph: bool | None = None, **generate_kwargs) -> tuple[Run, Run]:
+            progress: bool = True, cuda_graph: bool | None = None, compile: bool = False,
+            **generate_kwargs) -> tuple[Run, Run]:
     """Stock and FlashForge generate on the same batch: ``(stock, flashforge)``, both seeded with ``seed``;
-    ``cuda_graph`` as in :func:`flashforge_hf.generate`. ``warmup`` first runs both for two tokens on the same
+    ``cuda_graph`` and ``compile`` as in :func:`flashforge_hf.generate`. ``warmup`` first runs both for two tokens on the same
     batch (kernel compilation, allocator warm-up) so that the timings are steady."""
-    ours = flashforge_mode(cuda_graph)
+    ours = flashforge_mode(cuda_graph, compile)
     if warmup:
         short = dict(generate_kwargs, max_new_tokens=2, min_new_tokens=None)
         for mode in (STOCK, ours):

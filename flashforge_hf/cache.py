@@ -224,6 +224,7 @@ class PrefixSharingCache(Cache):
         self.layers[0].reset()
 
     # ---- update / hand-off --------------------------------------------------------------------------------
+    @torch.compiler.disable  # torch.compile (graphs.py's compile=True, or a user's) runs it as is, between graphs
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store this layer's new K/V ([R, Hkv, Q, D]) and return (a view of the keys that carries the attention
         hand-off, the values)."""

@@ -252,15 +252,16 @@ def _generation_config(model, kwargs: dict):
     return gc
 
 
-def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, gc, kwargs: dict) -> bool:
-    """Whether decoding replays CUDA graphs (graphs.decode), for generate's settings ``gc`` (see
-    :func:`_generation_config`): ``cuda_graph`` None means on CUDA when the settings allow it (else transformers'
-    eager loop, said once); True requires it; False never."""
-    if cuda_graph is False:
-        return False
+def _decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int | None, gc, kwargs: dict) -> dict | None:
+    """How decoding runs, for generate's settings ``gc`` (see :func:`_generation_config`): None for transformers'
+    eager loop, else the ``cuda_graph`` / ``compile`` settings of our static loop (graphs.decode).
+
+    ``cuda_graph`` None means CUDA graphs on CUDA when the settings allow them (else transformers' eager loop,
+    said once); True requires them; False never. ``compile`` True requires our static loop (with CUDA graphs on
+    CUDA unless ``cuda_graph`` is False; eager steps elsewhere)."""
+    if cuda_graph is False and not compile:
+        return None
     reasons = []
-    if model.device.type != "cuda":
-        reasons.append(f"the model is on {model.device.type}, not CUDA")
     if max_new is None:
         reasons.append("max_new_tokens is not set")
     if why := graphs.unsupported(gc, kwargs):
@@ -268,17 +269,27 @@ def _graph_policy(model, cuda_graph: bool | None, max_new: int | None, gc, kwarg
     if kwargs.get("synced_gpus") or (torch.distributed.is_available() and torch.distributed.is_initialized()
                                      and torch.distributed.get_world_size() > 1):
         reasons.append("several processes (tensor parallel / synced GPUs)")
+    cuda = model.device.type == "cuda"
+    if compile:
+        if reasons:
+            raise NotImplementedError(f"compile=True cannot be served: {'; '.join(reasons)}. Pass compile=False.")
+        if cuda_graph and not cuda:
+            raise NotImplementedError(f"cuda_graph=True needs CUDA, the model is on {model.device.type}.")
+        return dict(cuda_graph=cuda and cuda_graph is not False, compile=True)
+    if not cuda:
+        reasons.insert(0, f"the model is on {model.device.type}, not CUDA")
     if not reasons:
-        return True
+        return dict(cuda_graph=True, compile=False)
     if cuda_graph:
         raise NotImplementedError(f"cuda_graph=True cannot be served: {'; '.join(reasons)}. Pass cuda_graph=None or False.")
-    if model.device.type == "cuda":
+    if cuda:
         graphs.warn_fallback("; ".join(reasons))
-    return False
+    return None
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, min_shared_tokens: int = 16,
-             batch_size: int | None = None, progress: bool = True, cuda_graph: bool | None = None, **kwargs):
+             batch_size: int | None = None, progress: bool = True, cuda_graph: bool | None = None,
+             compile: bool = False, **kwargs):
     """Drop-in for ``model.generate(input_ids, attention_mask=..., **kwargs)`` on a batch of shared-prefix prompts.
 
     Prefills each shared segment once into a :class:`PrefixSharingCache`, then runs transformers' generate on
@@ -298,6 +309,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     step no longer grows with the layers; same tokens as the eager loop). None (default): on CUDA for greedy and
     sampling with ``max_new_tokens`` known, otherwise transformers' eager loop (said once, with the reason);
     True: required (raises when it cannot apply); False: transformers' eager loop.
+
+    ``compile``: run each decode step through ``torch.compile`` before capturing it, which fuses the model's
+    non-attention work (norms, rotary embedding, activations, residuals) into a few kernels per layer: a faster
+    step, for a compilation (seconds to a minute) on the first call per model and batch size; logits then differ
+    from the eager model's by rounding. It needs our decode loop (greedy or sampling, ``max_new_tokens`` known);
+    off CUDA the compiled steps run without graphs.
     """
     for unsupported in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha", "cache", "past_key_values"):
         if kwargs.get(unsupported) is not None:
@@ -318,8 +335,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
-    if _graph_policy(model, cuda_graph, max_new, gc, kwargs):
-        kwargs = graphs.decode_kwargs(model, kwargs)
+    if (policy := _decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)) is not None:
+        kwargs = graphs.decode_kwargs(model, kwargs, **policy)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)

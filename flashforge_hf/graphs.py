@@ -21,6 +21,12 @@ pinned host memory asynchronously and read once the GPU got there (the host runs
 ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
 past the end; the shared segments are read once for all rows anyway), unless scores or logits are returned:
 transformers keeps computing finished rows' logits, and so do we then. Off CUDA the same static steps run eagerly.
+
+``compile=True`` runs the step through ``torch.compile`` (inductor, default mode) before capturing it: the
+model's own non-attention work (RMSNorm, rotary embedding, SiLU, residual adds: some 35 small kernels per layer in
+eager transformers) is fused into a few kernels per layer; the cache update and the attention stay ours (they are
+``torch.compiler.disable``d, so the compiled code breaks around them). It costs a compilation on the first step
+of a new model or batch size (seconds to a minute), and its logits differ from the eager model's by rounding.
 """
 
 from __future__ import annotations
@@ -52,14 +58,17 @@ class GraphDecoder:
 
     ``positions``: int64 [R], the position id of each row's next input token (its last prompt token at first).
     ``use_graph``: capture and replay CUDA graphs (CUDA only); otherwise every step runs eagerly through the
-    same static path (same kernels, same plans). Call :meth:`close` when done (also on error): it leaves the
-    cache usable by an eager ``generate`` again.
+    same static path (same kernels, same plans). ``compile``: each step runs the model through ``torch.compile``
+    (see the module docstring). Call :meth:`close` when done (also on error): it leaves the cache usable by an
+    eager ``generate`` again.
     """
 
-    def __init__(self, model, cache: PrefixSharingCache, positions: torch.Tensor, use_graph: bool):
+    def __init__(self, model, cache: PrefixSharingCache, positions: torch.Tensor, use_graph: bool,
+                 compile: bool = False):
         if use_graph and cache.device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device.")
         self.model = model
+        self.compiled = torch.compile(model) if compile else None
         self.cache = cache
         self.use_graph = use_graph
         R = cache.num_rows
@@ -78,8 +87,12 @@ class GraphDecoder:
 
     def _forward(self) -> None:
         """One decode step on the static buffers; advances positions, write column and end on the device."""
-        out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
-                         **{self.kwarg: self.cache})
+        kw = dict(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache})
+        if self.compiled is None:
+            out = self.model(**kw)
+        else:  # every layer is one code object: its index must not be a compile-time constant (one compile, not 32)
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+                out = self.compiled(**kw)
         self.logits.copy_(out.logits[:, -1])
         self.pos += 1
         self.cache.advance_static()
@@ -144,11 +157,12 @@ class GraphDecoder:
         self.cache.end_static(self.cursor)
         static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.start0))
         last_stats.clear()
-        last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, captures=self.captures,
+        last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, compiled=self.compiled is not None,
+                          captures=self.captures,
                           graph_pool_bytes=self.graph_bytes, static_bytes=static)
 
 
-last_stats: dict = {}  # of the latest decode: rows, graphs (on/off), captures, graph_pool_bytes, static_bytes
+last_stats: dict = {}  # of the latest decode: rows, graphs, compiled (on/off), captures, graph_pool_bytes, static_bytes
 _fallback_warned: set = set()
 
 
@@ -165,12 +179,12 @@ def unsupported(generation_config, model_kwargs: dict) -> str | None:
     return None
 
 
-def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True) -> dict:
+def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True, compile: bool = False) -> dict:
     """``kwargs`` of ``model.generate`` made ready for :func:`decode` as its ``custom_generate``.
 
     transformers hands a ``custom_generate`` callable neither the ``tokenizer`` nor the ``streamer`` (5.17 to
     5.24), so stop strings become a stopping criterion here and the streamer travels as ``graph_streamer``."""
-    kw = dict(kwargs, custom_generate=decode, cuda_graph=cuda_graph)
+    kw = dict(kwargs, custom_generate=decode, cuda_graph=cuda_graph, compile=compile)
     gc = kw.get("generation_config") or model.generation_config
     stop = kw.pop("stop_strings", None) or getattr(gc, "stop_strings", None)
     tokenizer = kw.pop("tokenizer", None)
@@ -186,9 +200,11 @@ def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True) -> dict:
 
 
 def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
-           synced_gpus: bool = False, streamer=None, cuda_graph: bool = True, graph_streamer=None, **model_kwargs):
+           synced_gpus: bool = False, streamer=None, cuda_graph: bool = True, compile: bool = False,
+           graph_streamer=None, **model_kwargs):
     """transformers' sampling loop (greedy or multinomial) on a prefilled :class:`PrefixSharingCache`, each step
-    replayed from a CUDA graph (``cuda_graph``; on CUDA; off, the same static steps run eagerly). Use through
+    replayed from a CUDA graph (``cuda_graph``; on CUDA; off, the same static steps run eagerly), its forward
+    compiled by ``torch.compile`` when ``compile`` (see the module docstring). Use through
     :func:`flashforge_hf.generate`, or as ``model.generate(**decode_kwargs(model, dict(..., past_key_values=cache)))``
     (``cache=`` on transformers >= 5.24), which passes stop strings and a streamer on.
 
@@ -236,7 +252,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     done_host = torch.zeros(max(new, 1), dtype=torch.bool, pin_memory=cuda)
     events: list = []
     checked, stop = 0, None  # steps whose "all done" flag was read; the first step that finished every row
-    runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and cuda)
+    runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and cuda, compile=compile)
     cursor0 = runner.cursor
     try:
         tokens = input_ids[:, -1]

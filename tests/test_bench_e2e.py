@@ -19,9 +19,9 @@ def test_workloads_match_the_issue():
     assert w["few-shot-1b"].shape == "llama-1b" and w["few-shot-8b"].levels == ((650, 1), (64, 256))
     assert (w["parallel-sampling"].rows, w["parallel-sampling"].generate_kwargs()["do_sample"]) == (64, True)
     assert (w["tree"].rows, w["tree"].prompt_len, w["tree"].unique_prompt_tokens) == (64, 3136, 1024 + 8 * 2048 + 64 * 64)
-    assert w["no-sharing"].methods() == [bg.STOCK, bg.EAGER, bg.GRAPH]
+    assert w["no-sharing"].methods() == [bg.STOCK, bg.EAGER, bg.GRAPH, bg.COMPILED]
     assert w["no-sharing"].methods(cuda=False) == [bg.STOCK, bg.EAGER]
-    assert w["batch-1"].methods() == [bg.STOCK_COMPILED, bg.STOCK, bg.REUSE, bg.EAGER, bg.GRAPH]
+    assert w["batch-1"].methods() == [bg.STOCK_COMPILED, bg.STOCK, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED]
     ids, mask = w["tree"].scaled("tiny").batch(1000, "cpu")
     assert ids.shape == (16, 32 + 64 + 4) and bool(mask.all())
     assert torch.equal(ids[0, :96], ids[3, :96]) and not torch.equal(ids[0, :96], ids[4, :96])
@@ -83,6 +83,13 @@ def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert {(r["workload"], r["method"]): r["status"] for r in rows}["doc-qa-4k", bg.STOCK] == "ok"
     assert len(rows) == len(got)
+
+    # --methods re-runs only those methods and keeps the workload's other rows.
+    assert be.main(["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "tree", "--methods", bg.EAGER,
+                    "--commit", "again"]) == 0
+    with open(tmp_path / "generate_cpu_tiny.csv") as f:
+        rows = {(r["workload"], r["method"]): r["commit"] for r in csv.DictReader(f)}
+    assert len(rows) == len(got) and rows["tree", bg.EAGER] == "again" and rows["tree", bg.STOCK] == "test"
 
 
 def test_commit_is_only_read_from_our_own_checkout(tmp_path):

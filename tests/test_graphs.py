@@ -211,8 +211,39 @@ def test_generate_routes_through_the_loop_across_batches(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "_graph_policy", lambda *a: True)
+    monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
     monkeypatch.setattr(graphs, "decode", counted)
     ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, batch_size=2, **kw)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
     assert len(calls) == 3 and torch.equal(stock, ours)
+
+
+def _has_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_cxx(), reason="torch.compile (inductor) on CPU needs a C++ compiler")
+def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
+    """compile=True runs our loop with the model's forward under torch.compile: the cache update and our attention
+    stay outside the compiled graphs (torch.compiler.disable), the layers share one compilation (their index is
+    not a constant), and a second call with other lengths compiles nothing new. fp32: same tokens as SDPA."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(graphs, "MIN_BUCKET", 256)
+    sdpa = load(model.name_or_path, "sdpa")
+    before = counters["stats"]["unique_graphs"]
+    for seed, new in ((11, 10), (12, 17)):
+        ids, mask = tree_batch(seed=seed)
+        kw = dict(max_new_tokens=new, do_sample=False)
+        stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
+        ours = flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, compile=True, **kw)
+        assert torch.equal(stock, ours)
+        assert graphs.last_stats["compiled"] and not graphs.last_stats["graphs"]
+        if seed == 11:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+            assert 0 < graphs_after_first - before <= 12  # per-layer code compiled once, not once per layer
+    assert counters["stats"]["unique_graphs"] == graphs_after_first
+    with pytest.raises(NotImplementedError, match="compile=True cannot be served: beam search"):
+        flashforge_hf.generate(model, ids, mask, max_new_tokens=4, num_beams=2, compile=True)

@@ -9,6 +9,7 @@ from transformers import LogitsProcessorList
 
 import flashforge_hf
 from flashforge_hf import graphs
+from flashforge_hf.bench_generate import attention
 from test_graphs import ForceEos
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
 
@@ -26,29 +27,31 @@ def model(tmp_path_factory):
     return load(folder, "flashforge", torch.bfloat16).cuda()
 
 
-def _decode(model, ids, mask, graph: bool, seed=None, processors=(), logits=True, **kw):
+def _decode(model, ids, mask, graph: bool, seed=None, processors=(), logits=True, compile=False, **kw):
     cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=kw["max_new_tokens"],
                                                  num_copies=kw.get("num_return_sequences", 1), min_shared_tokens=4)
     if seed is not None:
         torch.manual_seed(seed)
     out = model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, custom_generate=graphs.decode,
-                         cuda_graph=graph, return_dict_in_generate=True, output_logits=logits,
+                         cuda_graph=graph, compile=compile, return_dict_in_generate=True, output_logits=logits,
                          logits_processor=LogitsProcessorList(list(processors)), **kw)
     return out, dict(graphs.last_stats)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["plain", "compiled"])
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
-def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample):
-    """120 steps over buckets of 16, 32, 64, 128 columns (and the capacity): tokens and logits bitwise equal."""
+def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, compile):
+    """120 steps over buckets of 16, 32, 64, 128 columns (and the capacity): tokens and logits bitwise equal
+    (compiled: graph replay of the compiled step against the same compiled step run eagerly)."""
     monkeypatch.setattr(graphs, "MIN_BUCKET", 16)
     for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
         ids, mask = ids.cuda(), mask.cuda()
         kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
         if sample:
             kw.update(num_return_sequences=2, top_k=40, temperature=0.9)
-        eager, eager_stats = _decode(model, ids, mask, False, seed=3, **kw)
-        graph, stats = _decode(model, ids, mask, True, seed=3, **kw)
-        assert eager_stats["captures"] == 0 and stats["graphs"]
+        eager, eager_stats = _decode(model, ids, mask, False, seed=3, compile=compile, **kw)
+        graph, stats = _decode(model, ids, mask, True, seed=3, compile=compile, **kw)
+        assert eager_stats["captures"] == 0 and stats["graphs"] and stats["compiled"] == compile
         assert 3 <= stats["captures"] <= 6, stats
         assert torch.equal(eager.sequences, graph.sequences)
         for a, b in zip(eager.logits, graph.logits):
@@ -90,3 +93,23 @@ def test_generate_uses_graphs_by_default_on_cuda(model):
     graphs.last_stats.clear()
     flashforge_hf.generate(model, ids, mask, max_new_tokens=8, do_sample=False, min_shared_tokens=4, cuda_graph=False)
     assert graphs.last_stats == {}  # transformers' eager loop
+
+
+def test_compiled_close_to_plain(model, tmp_path):
+    """compile=True (fused non-attention work) against the plain graph step: the first step's logits within bf16
+    rounding; on an fp32 model, greedy tokens equal to stock SDPA's over 40 steps."""
+    ids, mask = tree_batch(seed=5)
+    ids, mask = ids.cuda(), mask.cuda()
+    kw = dict(max_new_tokens=4, do_sample=False)
+    plain, _ = _decode(model, ids, mask, True, **kw)
+    fused, stats = _decode(model, ids, mask, True, compile=True, **kw)
+    assert stats["compiled"]
+    a, b = plain.logits[0].float(), fused.logits[0].float()
+    assert float((a - b).norm() / a.norm()) < 2e-2
+    fp32 = load(save_tiny("llama", tmp_path / "fp32", hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=64), "flashforge").cuda()
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    with torch.no_grad(), attention(fp32, "sdpa"):
+        stock = fp32.generate(input_ids=ids, attention_mask=mask, **kw)
+    ours = flashforge_hf.generate(fp32, ids, mask, min_shared_tokens=4, compile=True, **kw)
+    assert torch.equal(stock, ours)

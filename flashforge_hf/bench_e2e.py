@@ -412,7 +412,8 @@ def instrument():
 
 def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
     """One decode step of ours on ``wl`` (prefilled with prefill_shared, then model forward steps as generate
-    runs them): GPU (CPU off CUDA) time per kernel group from torch.profiler; our host time per layer per step
+    runs them): GPU (CPU off CUDA) time per kernel group from torch.profiler (on CUDA also of the compiled step
+    replayed from a CUDA graph, ``compiled_graph_*``: what ``compile=True`` runs); our host time per layer per step
     (cache update, planning, attention launches: mean of ``steps`` steps, each followed by a synchronize);
     host syncs in our code (and the file:line each was issued from), cudaMalloc calls and suffix-buffer moves
     during the steps, plans per step."""
@@ -451,20 +452,51 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
         with torch.profiler.profile(activities=activities) as prof:
             tok = step(tok)
             sync()
-    groups = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
-    for e in prof.key_averages():
-        on_device = e.device_type == torch.autograd.DeviceType.CUDA
-        if on_device == cuda and (cuda or e.key.startswith("aten::")):
-            us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
-            groups[kernel_group(e.key)] += (us or getattr(e, "self_cuda_time_total", 0)) / 1e3
+    groups = _kernel_groups(prof, cuda)
+    compiled = _compiled_step_groups(model, ids, steps) if cuda else {}
     per_layer = lambda key: tally[key] / (steps * layers) * 1e6  # noqa: E731
     return dict(workload=wl.name, model=wl.shape, rows=wl.rows, timeline="GPU" if cuda else "CPU",
                 **{f"{g}_ms": v for g, v in groups.items()}, step_ms=sum(groups.values()),
+                **{f"compiled_graph_{g}_ms": v for g, v in compiled.items()},
+                compiled_graph_step_ms=sum(compiled.values()) if compiled else None,
                 host_update_us_per_layer=per_layer("update_s"), host_plan_us_per_layer=per_layer("plan_s"),
                 host_attention_us_per_layer=per_layer("attention_s") - per_layer("plan_s"),
                 host_us_per_layer=per_layer("update_s") + per_layer("attention_s"),
                 plans_per_step=tally["plans"] / steps, host_syncs=syncs, host_sync_sites=" ".join(sync_sites) or "-", cuda_mallocs=mallocs,
                 suffix_buffer_moved=cache.layers[0].suf_k.data_ptr() != ptr)
+
+
+def _kernel_groups(prof, cuda: bool, steps: int = 1) -> dict:
+    """Milliseconds per step of each kernel group (GPU kernels on CUDA, else aten ops on the CPU) in a profile
+    of ``steps`` steps."""
+    groups = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
+    for e in prof.key_averages():
+        on_device = e.device_type == torch.autograd.DeviceType.CUDA
+        if on_device == cuda and (cuda or e.key.startswith("aten::")):
+            us = getattr(e, "self_device_time_total", None) if cuda else e.self_cpu_time_total
+            groups[kernel_group(e.key)] += (us or getattr(e, "self_cuda_time_total", 0)) / 1e3 / steps
+    return groups
+
+
+def _compiled_step_groups(model, ids, steps: int) -> dict:
+    """Kernel groups of one compiled decode step replayed from a CUDA graph (graphs.GraphDecoder with compile),
+    the mean of ``steps`` replays."""
+    R, L = ids.shape
+    cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=steps + 4)
+    runner = graphs.GraphDecoder(model, cache, torch.full((R,), L - 1, device=ids.device), use_graph=True,
+                                 compile=True)
+    try:
+        tok = ids[:, -1]
+        for _ in range(2):  # the bucket's eager step (and compilation), then its capture
+            tok = runner.step(tok).argmax(-1)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                tok = runner.step(tok).argmax(-1)
+            torch.cuda.synchronize()
+    finally:
+        runner.close()
+    return _kernel_groups(prof, True, steps)  # "rest" includes the argmax between steps
 
 
 # ---- results -----------------------------------------------------------------------------------------------------

@@ -13,20 +13,59 @@ import flashforge_hf
 from tiny_models import load, save_tiny, tree_batch
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not found")
-def test_tensor_parallel_two_ranks(tmp_path):
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run_two_ranks(tmp_path, backend: str) -> tuple[str, list[dict]]:
+    """tests/tp_worker.py under torchrun with 2 processes on ``backend``: (model folder, each rank's result)."""
     folder = save_tiny("llama", tmp_path / "model")
     out = tmp_path / "result"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port", "29533",
-           str(Path(__file__).with_name("tp_worker.py")), folder, str(out)]
+    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
+           str(Path(__file__).with_name("tp_worker.py")), folder, str(out), backend]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    return folder, [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not found")
+def test_tensor_parallel_two_ranks(tmp_path):
+    folder, ranks = run_two_ranks(tmp_path, "gloo")
     single = flashforge_hf.generate(load(folder, "flashforge"), *tree_batch(), min_shared_tokens=4, max_new_tokens=6,
                                     do_sample=False)
     for r in ranks:
         assert r["ours"] == r["stock"] == single.tolist()
         assert r["kv_heads"] == 1  # each rank holds its own half of the 2 KV heads
     assert torch.equal(torch.tensor(ranks[0]["ours"]), torch.tensor(ranks[1]["ours"]))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not found")
+def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
+    """benchmarks/multi_gpu.py end to end at a tiny scale on the CPU (gloo): one device, tensor parallel over 2
+    processes, device_map (one device here), then the report; the logits checks pass."""
+    script = str(Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
+    folder = save_tiny("llama", tmp_path / "model")
+    small = ["--doc", "40", "--questions", "4", "--new-tokens", "3"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    runs = {"single": [sys.executable, script], "device-map": [sys.executable, script],
+            "tp": [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port",
+                   free_port(), script]}
+    for mode, head in runs.items():
+        proc = subprocess.run(head + [mode, folder, "--out", str(tmp_path / f"{mode}.json")] + small,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        result = json.loads((tmp_path / f"{mode}.json").read_text())
+        assert result["logits_ok"] and len(result["greedy"]["ours"]) == 4, result
+        assert set(result["timings"]) == (set() if mode == "single" else {"reuse", "flashforge-eager"})
+    assert json.loads((tmp_path / "tp.json").read_text())["gpus"] == 2
+    md = tmp_path / "r.md"
+    subprocess.run([sys.executable, script, "report", *(str(tmp_path / f"{m}.json") for m in runs), "--md", str(md)],
+                   check=True, capture_output=True, timeout=120)
+    assert "| tp | cpu | 2 |" in md.read_text()

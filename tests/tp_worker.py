@@ -1,4 +1,7 @@
-"""One rank of tests/test_tensor_parallel.py (run under torchrun): flashforge vs stock generation, tensor parallel."""
+"""One rank of tests/test_tensor_parallel.py (run under torchrun): flashforge vs stock generation, tensor parallel.
+``backend`` gloo: CPU processes; nccl: one GPU per rank (tests/gpu/test_multi_gpu.py)."""
+
+import os
 
 import json
 import sys
@@ -11,14 +14,18 @@ import flashforge_hf
 from tiny_models import tree_batch
 
 
-def main(folder: str, out_file: str) -> None:
-    dist.init_process_group("gloo")
+def main(folder: str, out_file: str, backend: str = "gloo") -> None:
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
     try:
         rank = dist.get_rank()
         kw = dict(attn_implementation="flashforge", dtype=torch.float32, tp_plan="auto")
         ff = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
         sdpa = AutoModelForCausalLM.from_pretrained(folder, **{**kw, "attn_implementation": "sdpa"}).eval()
-        ids, mask = tree_batch()
+        ids, mask = (t.to(device) for t in tree_batch())
         gen = dict(max_new_tokens=6, do_sample=False)
         ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, **gen)
         stock = sdpa.generate(input_ids=ids, attention_mask=mask, **gen)

@@ -49,10 +49,6 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
     R, Hq, Q, D = q.shape
     if out is None:
         out = torch.empty(R, Q, Hq, D, dtype=q.dtype, device=q.device)
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        # Triton compiles for and launches on the current device, which device_map leaves at the first GPU.
-        with torch.cuda.device(q.device):
-            return forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
     if q.is_cuda:
         tensors = (q, seg_k, seg_v, suf_k, suf_v, out)
         misaligned = (q.data_ptr() | seg_k.data_ptr() | seg_v.data_ptr() | suf_k.data_ptr() | suf_v.data_ptr()
@@ -63,7 +59,11 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
         launch = plan.launches.get(key)
         if launch is None:
             launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
-        launch(*tensors)
+        if q.device.index == torch.cuda.current_device():
+            launch(*tensors)
+        else:  # Triton launches on the current device: a layer that device_map put on another GPU
+            with torch.cuda.device(q.device):
+                launch(*tensors)
         return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
     if plan.segments is not None:

@@ -7,8 +7,7 @@ On CUDA the launches of a plan are bound once, at the first layer that calls wit
 (shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its tensors
 to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
 otherwise the merge kernel follows (three). The merge kernel is compiled in either case, so that a decode
-whose suffix starts splitting compiles nothing. Launches go to the device of the layer's tensors (Triton
-launches on the current device, which device_map leaves at the first GPU).
+whose suffix starts splitting compiles nothing.
 """
 
 from __future__ import annotations
@@ -59,11 +58,7 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
         launch = plan.launches.get(key)
         if launch is None:
             launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
-        if q.device.index == torch.cuda.current_device():
-            launch(*tensors)
-        else:  # Triton launches on the current device: a layer that device_map put on another GPU
-            with torch.cuda.device(q.device):
-                launch(*tensors)
+        launch(*tensors)
         return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
     if plan.segments is not None:

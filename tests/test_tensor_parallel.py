@@ -49,12 +49,12 @@ def test_tensor_parallel_two_ranks(tmp_path):
                     reason="torchrun not found")
 def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
     """benchmarks/multi_gpu.py end to end at a tiny scale on the CPU (gloo): one device, tensor parallel over 2
-    processes, device_map (one device here), then the report; the logits checks pass."""
+    processes, then the report; the logits checks pass."""
     script = str(Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
     folder = save_tiny("llama", tmp_path / "model")
     small = ["--doc", "40", "--questions", "4", "--new-tokens", "3"]
     torchrun = Path(sys.executable).with_name("torchrun")
-    runs = {"single": [sys.executable, script], "device-map": [sys.executable, script],
+    runs = {"single": [sys.executable, script],
             "tp": [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port",
                    free_port(), script]}
     for mode, head in runs.items():

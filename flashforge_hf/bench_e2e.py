@@ -28,8 +28,8 @@ so its kernels compile for the timed shapes; the torch baselines on two prompts)
 
 Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (eager
 decode steps on a PrefixSharingCache; on CUDA also the compiled graph steps) and stock (one sdpa pass) in the
-model's dtype against an fp32 copy of the model: ours passes when its relative L2 error is at most 2x stock's. Greedy agreement: the share of rows whose first
-16 new tokens equal stock's (from the timed greedy runs; for the sampling workload from greedy runs of its
+model's dtype against an fp32 copy of the model: ours passes when its relative L2 error is at most 2x stock's.
+Greedy agreement: the share of rows whose first 16 new tokens equal stock's (from the timed greedy runs; for the sampling workload from greedy runs of its
 prompt); the stock side is the first of stock, stock-chunked, reuse that ran; passes at 90%.
 
 "capacity": with an 8,192-token shared document and 64-token questions, the largest batch each side runs in
@@ -213,7 +213,7 @@ def teacher_forced(model, ids, mask, forced, ours: bool, compile: bool = False) 
     n = forced.shape[1]
     if ours and compile:
         cache, _ = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=n)
-        runner = graphs.GraphDecoder(model, cache, mask.sum(-1) - 1, use_graph=ids.device.type == "cuda", compile=True)
+        runner = graphs.GraphDecoder(model, cache, mask.sum(-1) - 1, use_graph=ids.is_cuda, compile=True)
         out, tokens = [], ids[:, -1]
         try:
             for j in range(n):
@@ -280,7 +280,8 @@ def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
             stock = None
         free_memory()
     out = {}
-    for m, key in ((bg.EAGER, "greedy_agree"), (bg.GRAPH, "greedy_agree_graph"), (bg.COMPILED, "greedy_agree_compiled")):
+    keys = {bg.EAGER: "greedy_agree", bg.GRAPH: "greedy_agree_graph", bg.COMPILED: "greedy_agree_compiled"}
+    for m, key in keys.items():
         run = ours.get(m)
         out[key] = greedy_agreement(stock, run) if isinstance(stock, bg.Run) and isinstance(run, bg.Run) else None
     share = [v for v in out.values() if v is not None]
@@ -622,8 +623,8 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Speedup of ours, eager, with CUDA graphs and compiled (TPOT and TTFT, over the best of stock, stock-chunked and
-    reuse) and KV-cache GiB per method, per workload."""
+    """Speedup of ours, eager, with CUDA graphs and compiled (TPOT and TTFT, over the best of stock, stock-chunked
+    and reuse) and KV-cache GiB per method, per workload."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -654,7 +655,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str, by_method: bool = False) -> None:
+def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str,
+                  by_method: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, profile_path = stem.with_suffix(".csv"), stem.parent / f"{stem.name}_profile.json"
     rows = merge(read_csv(csv_path), [{k: r.get(k) for k in COLUMNS} for r in new_rows], by_method)
@@ -737,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "capacity":
             rows = capacity(model, wl, args.max_batch if args.scale == "full" else min(args.max_batch, 8))
         else:
-            rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows, methods=args.methods)
+            rows = bench_workload(model, wl, repeats=args.repeats, check_rows_n=args.check_rows,
+                                  methods=args.methods)
         rows = [dict(r, **stamp) for r in rows]
         for r in rows:
             print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:-4] if r.get(k) is not None))

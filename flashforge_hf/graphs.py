@@ -87,7 +87,8 @@ class GraphDecoder:
 
     def _forward(self) -> None:
         """One decode step on the static buffers; advances positions, write column and end on the device."""
-        kw = dict(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache})
+        kw = dict(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
+                  **{self.kwarg: self.cache})
         if self.compiled is None:
             out = self.model(**kw)
         else:  # every layer is one code object: its index must not be a compile-time constant (one compile, not 32)

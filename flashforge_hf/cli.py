@@ -64,6 +64,7 @@ def load(args):
     """``(model, tokenizer)`` from the options of :func:`add_model_args`: the model is loaded once with
     attn_implementation="flashforge" (the stock runs switch it to "sdpa"). Exits with the reason and the fix when
     the default model is not available."""
+    decoding(args)  # a bad --cuda-graph / --compile pair exits here, before anything loads
     try:
         path = args.model or smollm2_path()
     except ModelUnavailable as e:

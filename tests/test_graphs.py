@@ -245,5 +245,10 @@ def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
             graphs_after_first = counters["stats"]["unique_graphs"]
             assert 0 < graphs_after_first - before <= 12  # per-layer code compiled once, not once per layer
     assert counters["stats"]["unique_graphs"] == graphs_after_first
+    ids, mask = tree_batch(seed=13)  # batches of 3, 3 and 2 prompts: the compiled step meets a new batch size
+    kw = dict(max_new_tokens=6, do_sample=False)
+    stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(stock, flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, batch_size=3,
+                                                     compile=True, **kw))
     with pytest.raises(NotImplementedError, match="compile=True cannot be served: beam search"):
         flashforge_hf.generate(model, ids, mask, max_new_tokens=4, num_beams=2, compile=True)

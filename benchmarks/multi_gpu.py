@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 from pathlib import Path
@@ -44,12 +43,6 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
     return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
 
 
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     from flashforge_hf import bench_e2e as be
     from flashforge_hf import bench_generate as bg
@@ -66,7 +59,7 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     dev = ref_model.get_input_embeddings().weight.device
     ref = be.teacher_forced(ref_model, sub.to(dev), ones.to(dev), forced.to(dev), ours=False)
     del ref_model
-    _free()
+    be.free_memory()
 
     model = _load(folder, mode, torch.bfloat16)
     dev = model.get_input_embeddings().weight.device

@@ -223,8 +223,8 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
                  **generate_kwargs) -> Run:
     """One timed generate call by ``mode``, a key of :data:`GENERATORS`: "stock" (sdpa + DynamicCache,
     ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "flashforge-eager" / "flashforge-graph" /
-    "flashforge-compiled" (the same with CUDA graphs off / required / ``compile=True``), "reuse" (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or
-    "stock-compiled" (:func:`stock_compiled_generate`). ``model`` must be loaded with
+    "flashforge-compiled" (the same with CUDA graphs off / required / ``compile=True``), "reuse"
+    (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or "stock-compiled" (:func:`stock_compiled_generate`). ``model`` must be loaded with
     attn_implementation="flashforge". ``seed`` seeds torch right before the call (sampling); ``progress`` shows
     a bar of decode steps."""
     from tqdm.auto import tqdm

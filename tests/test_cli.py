@@ -63,11 +63,11 @@ def test_demo(tiny_model, graph):
 def test_demo_compile(tiny_model):
     """--compile runs FlashForge's decode loop through torch.compile (CPU: without graphs), same tokens; it
     refuses a --cuda-graph other than auto before any work."""
-    import shutil
+    from test_graphs import has_cxx
 
     bad = run_cli("demo", "--model", tiny_model, "--compile", "--cuda-graph", "on")
     assert bad.returncode != 0 and "leave --cuda-graph at auto" in bad.stderr
-    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+    if not has_cxx():
         pytest.skip("torch.compile (inductor) on CPU needs a C++ compiler")
     result = run_cli("demo", "--model", tiny_model, "--num-questions", "2", "--max-new-tokens", "4", "--no-warmup",
                      "--compile")

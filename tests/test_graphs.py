@@ -218,13 +218,14 @@ def test_generate_routes_through_the_loop_across_batches(monkeypatch):
     assert len(calls) == 3 and torch.equal(stock, ours)
 
 
-def _has_cxx() -> bool:
+def has_cxx() -> bool:
+    """Whether torch.compile (inductor) can build CPU kernels here: it needs a C++ compiler."""
     import shutil
 
     return any(shutil.which(c) for c in ("c++", "g++", "clang++"))
 
 
-@pytest.mark.skipif(not _has_cxx(), reason="torch.compile (inductor) on CPU needs a C++ compiler")
+@pytest.mark.skipif(not has_cxx(), reason="torch.compile (inductor) on CPU needs a C++ compiler")
 def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
     """compile=True runs our loop with the model's forward under torch.compile: the cache update and our attention
     stay outside the compiled graphs (torch.compiler.disable), the layers share one compilation (their index is

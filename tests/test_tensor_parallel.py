@@ -21,20 +21,23 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
+_VENV_TORCHRUN = Path(sys.executable).with_name("torchrun")
+TORCHRUN = str(_VENV_TORCHRUN) if _VENV_TORCHRUN.exists() else shutil.which("torchrun")  # None: not installed
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+
+
 def run_two_ranks(tmp_path, backend: str) -> tuple[str, list[dict]]:
     """tests/tp_worker.py under torchrun with 2 processes on ``backend``: (model folder, each rank's result)."""
     folder = save_tiny("llama", tmp_path / "model")
     out = tmp_path / "result"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(),
            str(Path(__file__).with_name("tp_worker.py")), folder, str(out), backend]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return folder, [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not found")
+@needs_torchrun
 def test_tensor_parallel_two_ranks(tmp_path):
     folder, ranks = run_two_ranks(tmp_path, "gloo")
     single = flashforge_hf.generate(load(folder, "flashforge"), *tree_batch(), min_shared_tokens=4, max_new_tokens=6,
@@ -45,18 +48,15 @@ def test_tensor_parallel_two_ranks(tmp_path):
     assert torch.equal(torch.tensor(ranks[0]["ours"]), torch.tensor(ranks[1]["ours"]))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not found")
+@needs_torchrun
 def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
     """benchmarks/multi_gpu.py end to end at a tiny scale on the CPU (gloo): one device, tensor parallel over 2
     processes, then the report; the logits checks pass."""
     script = str(Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
     folder = save_tiny("llama", tmp_path / "model")
     small = ["--doc", "40", "--questions", "4", "--new-tokens", "3"]
-    torchrun = Path(sys.executable).with_name("torchrun")
     runs = {"single": [sys.executable, script],
-            "tp": [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node", "2", "--master_port",
-                   free_port(), script]}
+            "tp": [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), script]}
     for mode, head in runs.items():
         proc = subprocess.run(head + [mode, folder, "--out", str(tmp_path / f"{mode}.json")] + small,
                               capture_output=True, text=True, timeout=600)

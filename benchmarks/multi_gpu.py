@@ -1,20 +1,21 @@
-"""Issue 6 on two GPUs: FlashForge under tensor parallel (tp_plan="auto", torchrun, NCCL) against one GPU, on
-document QA (one 4,096-token document, 64 questions of 64 tokens, 64 new tokens) with a random-weight
-Llama-3-8B-shape model in bf16.
+"""Issue 6 on two GPUs: FlashForge under tensor parallel (tp_plan="auto", torchrun, NCCL) and device_map="auto",
+against one GPU, on document QA (one 4,096-token document, 64 questions of 64 tokens, 64 new tokens) with a
+random-weight Llama-3-8B-shape model in bf16.
 
-Each run (one GPU, tensor parallel) measures, on its own setup:
+Each run (one GPU, tensor parallel, device_map) measures, on its own setup:
   - teacher-forced logits of 4 rows over 16 random forced tokens, ours and stock (sdpa, one pass) in bf16,
     against the same setup's fp32 model: relative L2 errors (ours passes at <= 2x stock's);
   - the first 16 greedy tokens of every row, ours (flashforge_hf.generate) and stock (the prefix-reuse pattern:
     plain stock prefill of 64 x 4,160 tokens runs out of memory on one GPU);
-  - time to first token, time per output token and tokens/s of ours (eager loop: CUDA graphs need one
-    process) and of stock with prefix reuse, best of 2 after a warm-up (not on one GPU).
-``report`` compares the greedy tokens of the tensor-parallel run with the one-GPU run's and writes the table.
+  - time to first token, time per output token and tokens/s of ours (eager loop: CUDA graphs need one device
+    and one process) and of stock with prefix reuse, best of 2 after a warm-up (not on one GPU).
+``report`` compares the greedy tokens of each multi-GPU run with the one-GPU run's and writes the table.
 
     python benchmarks/multi_gpu.py save /tmp/ff8b                          # random 8B-shape bf16 model
     python benchmarks/multi_gpu.py single /tmp/ff8b --out single.json
     torchrun --nproc_per_node 2 benchmarks/multi_gpu.py tp /tmp/ff8b --out tp.json
-    python benchmarks/multi_gpu.py report single.json tp.json --md benchmarks/results/multi_gpu_h100.md
+    python benchmarks/multi_gpu.py device-map /tmp/ff8b --out device_map.json
+    python benchmarks/multi_gpu.py report single.json tp.json device_map.json --md benchmarks/results/multi_gpu_h100.md
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
     kw = dict(dtype=dtype, attn_implementation=attn)
     if mode == "tp":
         kw["tp_plan"] = "auto"
+    elif mode == "device-map":
+        kw["device_map"] = "auto"
     else:
         kw["device_map"] = {"": 0 if torch.cuda.is_available() else "cpu"}
     return AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
@@ -46,6 +49,7 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
 def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     from flashforge_hf import bench_e2e as be
     from flashforge_hf import bench_generate as bg
+    from flashforge_hf.generation import layer_devices
 
     torch.set_grad_enabled(False)
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
@@ -81,7 +85,9 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
             timings[method] = be.run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     return dict(mode=mode, card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                doc=doc, questions=questions, new_tokens=new, gpus=torch.distributed.get_world_size() if dist else 1,
+                doc=doc, questions=questions, new_tokens=new,
+                gpus=torch.distributed.get_world_size() if dist else max(1, len(layer_devices(model))),
+                devices=sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}),
                 logit_err=err, logits_ok=err["ours"] <= 2 * err["stock"], greedy=greedy, timings=timings,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -94,7 +100,7 @@ def report(paths: list[str], md: str, commit: str) -> None:
     runs = {r["mode"]: r for r in (json.loads(Path(p).read_text()) for p in paths)}
     single = runs.get("single")
     first = next(iter(runs.values()))
-    lines = ["# Two GPUs: tensor parallel", "",
+    lines = ["# Two GPUs: tensor parallel and device_map", "",
              f"Random-weight Llama-3-8B shape, bf16; document QA: a {first['doc']}-token document, {first['questions']} "
              f"questions of 64 tokens, {first['new_tokens']} new tokens (timed runs); commit {commit}; "
              "`benchmarks/multi_gpu.py` (its docstring has the commands and the method).", "",
@@ -117,9 +123,9 @@ def report(paths: list[str], md: str, commit: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["save", "single", "tp", "report"])
-    ap.add_argument("paths", nargs="+", help="model folder (save/single/tp) or result files (report)")
-    ap.add_argument("--out", help="result JSON (single/tp)")
+    ap.add_argument("what", choices=["save", "single", "tp", "device-map", "report"])
+    ap.add_argument("paths", nargs="+", help="model folder (save/single/tp/device-map) or result files (report)")
+    ap.add_argument("--out", help="result JSON (single/tp/device-map)")
     ap.add_argument("--md", help="markdown table (report)")
     ap.add_argument("--commit", default="unknown", help="commit to record (report)")
     ap.add_argument("--doc", type=int, default=4096, help="document tokens (default 4096)")

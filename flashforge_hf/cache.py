@@ -19,6 +19,11 @@ Column grid. The cache reports ``get_seq_length()`` in the columns of the caller
 Where the suffixes end (``end``, exclusive) lives in a device int32 [1] that the suffix kernel reads, so a plan
 stays valid as decoding advances it.
 
+Several devices (``device_map`` over GPUs). Each layer's storage lives on the device of that layer's K/V (the
+device accelerate runs the layer on), so the cache is never copied between devices. The plan is made once per
+forward pass on the cache's device (the device of the model's inputs) and its few small tensors are copied once
+per forward pass to every other device a layer runs on, where they are reused by that device's layers.
+
 Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_static` fixes the suffix buffers
 (no growth) and makes each forward pass write its one new token per row at the device column ``static_col``
 (int64 [1]) and attend up to ``end``; the caller advances both on the device after each step, and picks the
@@ -149,6 +154,8 @@ class PrefixSharingCache(Cache):
         self.config = config
         self.forest = forest
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # compared with tensors' devices, which have one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.num_rows = forest.num_rows
         # Packed segment offsets (segments are numbered level by level).
         lens = [len(t) for t in forest.seg_tokens]
@@ -171,6 +178,8 @@ class PrefixSharingCache(Cache):
         self._plan: ForestPlan | None = None
         self._seg_plan_cache: dict = {}
         self._workspace: dict = {}
+        self._mirrors: dict = {}  # this forward's copies of small plan/stage tensors on other devices
+        self._workspaces: dict = {}  # per other device: its layers' partial buffers
         self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
         self.static_col: torch.Tensor | None = None  # int64 [1]: static mode's write column (None: not static)
         self._static_bound = 0
@@ -205,9 +214,9 @@ class PrefixSharingCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the suffix rows; beams of one prompt share the same segments."""
-        idx = beam_idx.to(self.device)
         for layer in self.layers:
             if layer.suf_k is not None:
+                idx = beam_idx.to(layer.suf_k.device)
                 layer.suf_k = layer.suf_k.index_select(0, idx)
                 layer.suf_v = layer.suf_v.index_select(0, idx)
 
@@ -254,6 +263,7 @@ class PrefixSharingCache(Cache):
             R, H, L, D = key_states.shape
             flat_k = key_states.transpose(0, 1).reshape(H, R * L, D)
             flat_v = value_states.transpose(0, 1).reshape(H, R * L, D)
+            src_index, dst_index = self._local(src_index, key_states.device), self._local(dst_index, key_states.device)
             layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
             layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
             suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
@@ -275,10 +285,13 @@ class PrefixSharingCache(Cache):
         return k_out, value_states
 
     def _check_shapes(self, layer, k, v):
-        if k.device != self.device:
-            raise ValueError(f"PrefixSharingCache lives on {self.device}, but layer K/V are on {k.device}.")
         if layer.seg_k is None:  # allocated with the layer's first K/V (or shared from `segments`)
             return
+        if k.device != layer.seg_k.device:
+            raise ValueError(
+                f"This layer's PrefixSharingCache storage is on {layer.seg_k.device}, but its K/V are on {k.device}: "
+                "the model's layers moved after prefill; build a new cache with prefill_shared."
+            )
         heads, dim, dtype = layer.seg_k.shape[0], layer.seg_k.shape[2], layer.seg_k.dtype
         if k.shape[1] != heads or k.shape[3] != dim or k.dtype != dtype:
             raise ValueError(
@@ -308,6 +321,7 @@ class PrefixSharingCache(Cache):
         """Layer 0 of a new forward pass: advance the cursor and invalidate the previous plan."""
         self._forward_id += 1
         self._plan = None
+        self._mirrors = {}
         q = k.shape[2]
         if self._stage is None:
             if k.shape[0] != self.num_rows:
@@ -326,9 +340,10 @@ class PrefixSharingCache(Cache):
             self._write_lo = self._write_hi = self.cursor
 
     def _plan_for(self, query: torch.Tensor) -> ForestPlan:
-        """The plan of the current forward pass, made at its first layer and reused by all the others."""
+        """The plan of the current forward pass, made at its first layer and reused by all the others (on
+        their own device: see :meth:`_plan_on`)."""
         if self._plan is not None:
-            return self._plan
+            return self._plan_on(self._plan, query.device)
         R, Hq, Q, D = query.shape
         Hkv = self.layers[0].seg_k.shape[0]
         if Hq % Hkv:
@@ -360,7 +375,34 @@ class PrefixSharingCache(Cache):
                                     self.device)
         plan.workspace = self._workspace
         self._plan = plan
-        return plan
+        return self._plan_on(plan, query.device)
+
+    def _local(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``t`` (a small tensor of this forward pass on the cache's device) on ``device``: copied once per
+        forward pass (layers on other devices under device_map), else ``t`` itself."""
+        if t.device == device:
+            return t
+        key = (id(t), device)
+        if key not in self._mirrors:
+            self._mirrors[key] = t.to(device, non_blocking=True)
+        return self._mirrors[key]
+
+    def _plan_on(self, plan: ForestPlan, device: torch.device) -> ForestPlan:
+        """``plan`` for layers on ``device``: itself on the cache's device, else a copy of its tensors there
+        (made once per forward pass), with that device's own partial buffers."""
+        if device == self.device:
+            return plan
+        key = ("plan", device)
+        if key not in self._mirrors:
+            local = lambda t: self._local(t, device)  # noqa: E731
+            seg = plan.segments
+            if seg is not None:
+                seg = seg._replace(tasks=local(seg.tasks), seg_rows=local(seg.seg_rows), row_slot=local(seg.row_slot))
+            suffix = plan.suffix._replace(start=local(plan.suffix.start), end=local(plan.suffix.end))
+            self._mirrors[key] = ForestPlan(segments=seg, suffix=suffix, row_slot_off=local(plan.row_slot_off),
+                                            n_slots=plan.n_slots, q_len=plan.q_len,
+                                            workspace=self._workspaces.setdefault(device, {}))
+        return self._mirrors[key]
 
     def _ancestors(self, s: int):
         chain = []
@@ -377,6 +419,9 @@ class PrefixSharingCache(Cache):
         The suffix buffers are allocated for the whole capacity now and never move afterwards."""
         if self._stage is not None or self.layers[0].seg_k is None:
             raise RuntimeError("begin_static() needs a prefilled PrefixSharingCache (see prefill_shared).")
+        if any(layer.seg_k.device != self.device for layer in self.layers):
+            raise NotImplementedError("Static decoding (CUDA graphs, compile) needs every layer on one device; this "
+                                      "cache spans several (device_map): decode with transformers' eager loop.")
         self._write_lo, self._write_hi = self.cursor, self.capacity  # what _ensure_storage keeps and sizes for
         for layer in self.layers:
             if layer.suf_k is None or layer.suf_k.shape[2] < self.capacity:

@@ -4,10 +4,12 @@ Tier 2 of the package: it calls the kernel launchers (CUDA tensors) or their PyT
 (every other device) with the plan made once per forward pass, and knows nothing of transformers.
 
 On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
-(shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its tensors
+(device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its tensors
 to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
 otherwise the merge kernel follows (three). The merge kernel is compiled in either case, so that a decode
-whose suffix starts splitting compiles nothing.
+whose suffix starts splitting compiles nothing. Triton compiles for and launches on the current device, so a
+layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
+on another fails with "invalid resource handle".
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
     R, Hq, Q, D = q.shape
     if out is None:
         out = torch.empty(R, Q, Hq, D, dtype=q.dtype, device=q.device)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        # device_map leaves the current device at the first GPU (see the module docstring)
+        with torch.cuda.device(q.device):
+            return forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
     if q.is_cuda:
         tensors = (q, seg_k, seg_v, suf_k, suf_v, out)
         misaligned = (q.data_ptr() | seg_k.data_ptr() | seg_v.data_ptr() | suf_k.data_ptr() | suf_v.data_ptr()
                       | out.data_ptr()) % 16
-        key = (sm_scale, q.dtype, q.shape, q.stride(), seg_k.shape, seg_k.stride(), seg_v.stride(), suf_k.shape,
-               suf_k.stride(), suf_v.stride(), out.stride(),
+        key = (q.device.index, sm_scale, q.dtype, q.shape, q.stride(), seg_k.shape, seg_k.stride(), seg_v.stride(),
+               suf_k.shape, suf_k.stride(), suf_v.stride(), out.stride(),
                misaligned and tuple(t.data_ptr() % 16 == 0 for t in tensors))
         launch = plan.launches.get(key)
         if launch is None:

@@ -43,20 +43,13 @@ def check_model(model, longest_row: int | None = None) -> None:
             f"Model type '{config.model_type}' is not supported by flashforge (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
             "use attn_implementation='sdpa' for it."
         )
-    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} - {"cpu", "disk"}
-    if len(devices) > 1:
-        raise NotImplementedError(
-            f"The model is spread over several devices ({', '.join(sorted(devices))}) by device_map: flashforge keeps "
-            "each shared segment on one device and does not support that yet. Use tensor parallelism instead "
-            "(from_pretrained(..., tp_plan='auto') under torchrun), or load the model on one device."
-        )
     dist = getattr(config, "distributed_config", None)  # from_pretrained(..., distributed_config=...)
     for attr, what in (("pp_size", "pipeline parallelism"), ("fsdp_size", "FSDP")):
         if (getattr(dist, attr, None) or 1) > 1:
             raise NotImplementedError(
                 f"flashforge does not support {what} ({attr}={getattr(dist, attr)}): each process must run every "
                 "layer on the full batch. Use tensor parallelism (from_pretrained(..., tp_plan='auto') under "
-                "torchrun)."
+                "torchrun) or device_map='auto' (the layers spread over the GPUs of one process)."
             )
     if getattr(dist, "enable_sequence_parallel", False):
         raise NotImplementedError(
@@ -75,6 +68,18 @@ def check_model(model, longest_row: int | None = None) -> None:
             f"{longest_row} tokens (prompt + max_new_tokens): flashforge serves sliding-window models only while no "
             "row reaches the window. Lower max_new_tokens or shorten the prompts, or use attn_implementation='sdpa'."
         )
+
+
+def layer_devices(model) -> dict:
+    """{device: decoder layers on it} of a model that ``device_map`` spread over several accelerators ({} when it
+    runs on one device); "cpu"/"disk" entries (offloaded weights, run on the main device) are left out."""
+    count: dict = {}
+    for name, dev in (getattr(model, "hf_device_map", None) or {}).items():
+        if str(dev) not in ("cpu", "disk"):
+            d = torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+            count[d] = count.get(d, 0) + sum(1 for m in model.get_submodule(name).modules()
+                                             if type(m).__name__.endswith("DecoderLayer"))
+    return count if len(count) > 1 else {}
 
 
 def _check_inputs(model, input_ids, attention_mask):
@@ -211,29 +216,30 @@ def prompts_per_batch(model, forest, copies: int, max_new_tokens: int, device, f
     Counts the shared segments' K/V once, then per row its suffix K/V (prompt suffix + ``max_new_tokens``), the
     activations of the suffix prefill, the attention partials and the logits of a decode step. ``free_bytes``
     defaults to the device's free memory (CUDA: free plus what torch's allocator holds unused; CPU: available
-    RAM). Raises MemoryError when not even one prompt fits."""
+    RAM). A model that ``device_map`` spread over several GPUs is checked on each of them (its share of the
+    layers' K/V; activations and logits counted on every one). Raises MemoryError when not even one prompt fits."""
     cfg = model.config
     isz = next(model.parameters()).element_size()
     hq = cfg.num_attention_heads
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
     tp = getattr(model, "_tp_size", None) or 1  # tensor parallel: this rank holds 1/tp of the KV heads
-    kv_per_token = 2 * cfg.num_hidden_layers * max(1, hkv // tp) * d * isz
+    kv_per_token = 2 * max(1, hkv // tp) * d * isz  # per layer
     act_per_token = isz * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) + 4 * 4 * hq * d  # + 4 float32 partials
     suffix = max((len(t) - 1 for t in forest.suffix_tokens), default=0)
     level_tokens = max((sum(len(forest.seg_tokens[s]) for s, lv in enumerate(forest.seg_level) if lv == level)
                         for level in range(forest.num_levels)), default=0)
-    fixed = kv_per_token * sum(map(len, forest.seg_tokens)) + act_per_token * level_tokens
-    per_row = kv_per_token * (suffix + 1 + max_new_tokens) + act_per_token * suffix + 2 * 4 * cfg.vocab_size
-    if free_bytes is None:
-        device = torch.device(device)
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            free_bytes = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        else:
-            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    budget = safety * free_bytes - fixed
-    fit = int(budget // (per_row * copies)) if budget > 0 else 0
+    fit, worst = None, None
+    for dev, layers in (layer_devices(model) or {torch.device(device): cfg.num_hidden_layers}).items():
+        fixed = kv_per_token * layers * sum(map(len, forest.seg_tokens)) + act_per_token * level_tokens
+        per_row = (kv_per_token * layers * (suffix + 1 + max_new_tokens) + act_per_token * suffix
+                   + 2 * 4 * cfg.vocab_size)
+        free = free_bytes if free_bytes is not None else _free_bytes(dev)
+        budget = safety * free - fixed
+        n = int(budget // (per_row * copies)) if budget > 0 else 0
+        if fit is None or n < fit:
+            fit, worst = n, (dev, fixed, per_row, free)
+    device, fixed, per_row, free_bytes = worst
     if fit < 1:
         gib = 2**30
         raise MemoryError(
@@ -243,6 +249,14 @@ def prompts_per_batch(model, forest, copies: int, max_new_tokens: int, device, f
             "Shorten the prompts, lower max_new_tokens or num_return_sequences/num_beams, or free memory."
         )
     return fit
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Memory a batch may use on ``device``: CUDA: free plus what torch's allocator holds unused; CPU: available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
@@ -283,6 +297,8 @@ def _decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int |
     if kwargs.get("synced_gpus") or (torch.distributed.is_available() and torch.distributed.is_initialized()
                                      and torch.distributed.get_world_size() > 1):
         reasons.append("several processes (tensor parallel / synced GPUs)")
+    if layer_devices(model):
+        reasons.append("the model spans several devices (device_map)")
     cuda = model.device.type == "cuda"
     if compile:
         if reasons:

@@ -114,21 +114,11 @@ def test_refused_features_name_the_feature_and_the_alternative(config, feature):
         check_model(model)
 
 
-def test_device_map_over_several_devices_is_refused(pair):
-    _, ff = pair
-    ff.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
-    try:
-        with pytest.raises(NotImplementedError, match="tp_plan='auto'"):
-            flashforge_hf.generate(ff, *shared_prefix_batch(), max_new_tokens=2)
-    finally:
-        del ff.hf_device_map
-
-
 @pytest.mark.parametrize("setting, what", [(dict(pp_size=2), "pipeline parallelism"), (dict(fsdp_size=2), "FSDP"),
                                            (dict(enable_sequence_parallel=True), "sequence parallelism")])
 def test_other_parallelisms_are_refused_naming_the_alternative(pair, setting, what):
-    """transformers' DistributedConfig modes other than tensor parallel are refused before any work, naming
-    tp_plan='auto'."""
+    """transformers' DistributedConfig modes other than tensor parallel (and device_map) are refused before any
+    work, naming tp_plan='auto' (device_map over several GPUs runs: tests/gpu/test_multi_gpu.py)."""
     from types import SimpleNamespace
 
     _, ff = pair

@@ -51,11 +51,11 @@ def test_tensor_parallel_two_ranks(tmp_path):
 @needs_torchrun
 def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
     """benchmarks/multi_gpu.py end to end at a tiny scale on the CPU (gloo): one device, tensor parallel over 2
-    processes, then the report; the logits checks pass."""
+    processes, device_map (one device here), then the report; the logits checks pass."""
     script = str(Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
     folder = save_tiny("llama", tmp_path / "model")
     small = ["--doc", "40", "--questions", "4", "--new-tokens", "3"]
-    runs = {"single": [sys.executable, script],
+    runs = {"single": [sys.executable, script], "device-map": [sys.executable, script],
             "tp": [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), script]}
     for mode, head in runs.items():
         proc = subprocess.run(head + [mode, folder, "--out", str(tmp_path / f"{mode}.json")] + small,

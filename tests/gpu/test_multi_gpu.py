@@ -1,11 +1,17 @@
-"""Two GPUs: tensor parallel over NCCL (tp_plan="auto" under torchrun) on a tiny fp32 model: FlashForge gives
-stock's tokens on every rank, each rank holding its own KV heads."""
+"""Two GPUs: tensor parallel over NCCL (tp_plan="auto" under torchrun) and device_map over both GPUs in one
+process, on tiny fp32 models: FlashForge gives stock's tokens; each layer's storage stays on its layer's GPU."""
 
 import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+import flashforge_hf
+from flashforge_hf.bench_generate import attention
+from flashforge_hf.generation import layer_devices
 from test_tensor_parallel import run_two_ranks
+from tiny_models import save_tiny, tree_batch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,3 +25,22 @@ def test_tensor_parallel_nccl(tmp_path):
     for r in ranks:
         assert r["ours"] == r["stock"] and r["kv_heads"] == 1  # each rank: its own half of the 2 KV heads
     assert ranks[0]["ours"] == ranks[1]["ours"]
+
+
+def test_device_map_over_two_gpus(tmp_path):
+    folder = save_tiny("llama", tmp_path / "model", num_hidden_layers=4)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="flashforge", dtype=torch.float32,
+                                                 device_map="balanced").eval()
+    assert len(layer_devices(model)) == 2, model.hf_device_map
+    ids, mask = (t.to(model.device) for t in tree_batch())
+    kw = dict(max_new_tokens=12, do_sample=False)
+    with pytest.warns(UserWarning, match="device_map"):
+        ours = flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, **kw)
+    with torch.no_grad(), attention(model, "sdpa"):
+        stock = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ours, stock)
+    cache, _ = flashforge_hf.prefill_shared(model, ids, mask, min_shared_tokens=4, max_new_tokens=4)
+    devices = [layer.seg_k.device for layer in cache.layers]
+    assert len(set(devices)) == 2 and all(layer.suf_k.device == d for layer, d in zip(cache.layers, devices))
+    with pytest.raises(NotImplementedError, match="several devices"):
+        flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, cuda_graph=True, **kw)

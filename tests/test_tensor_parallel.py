@@ -51,7 +51,8 @@ def test_tensor_parallel_two_ranks(tmp_path):
 @needs_torchrun
 def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
     """benchmarks/multi_gpu.py end to end at a tiny scale on the CPU (gloo): one device, tensor parallel over 2
-    processes, device_map (one device here), then the report; the logits checks pass."""
+    processes, device_map (one device here), then the report; the logits checks pass and the fp32 greedy tokens
+    of every run are the one-device run's."""
     script = str(Path(__file__).parents[1] / "benchmarks" / "multi_gpu.py")
     folder = save_tiny("llama", tmp_path / "model")
     small = ["--doc", "40", "--questions", "4", "--new-tokens", "3"]
@@ -62,9 +63,11 @@ def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         result = json.loads((tmp_path / f"{mode}.json").read_text())
-        assert result["logits_ok"] and len(result["greedy"]["ours"]) == 4, result
+        assert result["logits_ok"] and len(result["greedy"]["ours"]) == len(result["greedy_fp32"]) == 4, result
         assert set(result["timings"]) == (set() if mode == "single" else {"reuse", "flashforge-eager"})
-    assert json.loads((tmp_path / "tp.json").read_text())["gpus"] == 2
+    results = {mode: json.loads((tmp_path / f"{mode}.json").read_text()) for mode in runs}
+    assert results["tp"]["gpus"] == 2
+    assert results["tp"]["greedy_fp32"] == results["device-map"]["greedy_fp32"] == results["single"]["greedy_fp32"]
     md = tmp_path / "r.md"
     subprocess.run([sys.executable, script, "report", *(str(tmp_path / f"{m}.json") for m in runs), "--md", str(md)],
                    check=True, capture_output=True, timeout=120)

@@ -35,13 +35,13 @@ FORCED, CHECK_ROWS = 16, 4
 
 
 def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     import flashforge_hf  # noqa: F401  (registers "flashforge")
 
     kw = dict(dtype=dtype, attn_implementation=attn)
     if mode == "tp":
-        kw["tp_plan"] = "auto"
+        kw["distributed_config"] = DistributedConfig(tp_plan="auto")
     elif mode == "device-map":
         kw["device_map"] = "auto"
     else:

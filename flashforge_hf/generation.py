@@ -48,13 +48,14 @@ def check_model(model, longest_row: int | None = None) -> None:
         if (getattr(dist, attr, None) or 1) > 1:
             raise NotImplementedError(
                 f"flashforge does not support {what} ({attr}={getattr(dist, attr)}): each process must run every "
-                "layer on the full batch. Use tensor parallelism (from_pretrained(..., tp_plan='auto') under "
-                "torchrun) or device_map='auto' (the layers spread over the GPUs of one process)."
+                "layer on the full batch. Use tensor parallelism (from_pretrained(..., distributed_config="
+                "DistributedConfig(tp_plan='auto')) under torchrun) or device_map='auto' (the layers spread over "
+                "the GPUs of one process)."
             )
     if getattr(dist, "enable_sequence_parallel", False):
         raise NotImplementedError(
             "flashforge does not support sequence parallelism (enable_sequence_parallel=True): use tensor "
-            "parallelism without it (tp_plan='auto')."
+            "parallelism without it (DistributedConfig(tp_plan='auto'))."
         )
     dtype = next(model.parameters()).dtype
     if dtype not in SUPPORTED_DTYPES:

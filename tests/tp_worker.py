@@ -8,7 +8,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DistributedConfig
 
 import flashforge_hf
 from tiny_models import tree_batch
@@ -22,7 +22,8 @@ def main(folder: str, out_file: str, backend: str = "gloo") -> None:
     dist.init_process_group(backend)
     try:
         rank = dist.get_rank()
-        kw = dict(attn_implementation="flashforge", dtype=torch.float32, tp_plan="auto")
+        kw = dict(attn_implementation="flashforge", dtype=torch.float32,
+                  distributed_config=DistributedConfig(tp_plan="auto"))
         ff = AutoModelForCausalLM.from_pretrained(folder, **kw).eval()
         sdpa = AutoModelForCausalLM.from_pretrained(folder, **{**kw, "attn_implementation": "sdpa"}).eval()
         ids, mask = (t.to(device) for t in tree_batch())

@@ -454,12 +454,13 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
             tok = step(tok)
             sync()
     groups = _kernel_groups(prof, cuda)
-    compiled = _compiled_step_groups(model, ids, steps) if cuda else {}
+    compiled = _compiled_step_groups(model, ids, steps) if cuda else dict(groups={})
     per_layer = lambda key: tally[key] / (steps * layers) * 1e6  # noqa: E731
     return dict(workload=wl.name, model=wl.shape, rows=wl.rows, timeline="GPU" if cuda else "CPU",
                 **{f"{g}_ms": v for g, v in groups.items()}, step_ms=sum(groups.values()),
-                **{f"compiled_graph_{g}_ms": v for g, v in compiled.items()},
-                compiled_graph_step_ms=sum(compiled.values()) if compiled else None,
+                **{f"compiled_graph_{g}_ms": v for g, v in compiled["groups"].items()},
+                compiled_graph_step_ms=sum(compiled["groups"].values()) if cuda else None,
+                compiled_graph_replay_ms=compiled.get("replay_ms"), compiled_graph_kernels=compiled.get("kernels"),
                 host_update_us_per_layer=per_layer("update_s"), host_plan_us_per_layer=per_layer("plan_s"),
                 host_attention_us_per_layer=per_layer("attention_s") - per_layer("plan_s"),
                 host_us_per_layer=per_layer("update_s") + per_layer("attention_s"),
@@ -481,9 +482,11 @@ def _kernel_groups(prof, cuda: bool, steps: int = 1) -> dict:
 
 def _compiled_step_groups(model, ids, steps: int) -> dict:
     """Kernel groups of one compiled decode step replayed from a CUDA graph (graphs.GraphDecoder with compile),
-    the mean of ``steps`` replays."""
+    the mean of ``steps`` replays (``rest`` includes the argmax between steps); ``replay`` is the wall time of one
+    replay back to back with the next (CUDA events; the gaps between the graph's kernels included), ``kernels``
+    the graph's 12 costliest kernels (ms and launches per step, name cut to 60 characters)."""
     R, L = ids.shape
-    cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=steps + 4)
+    cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=2 * steps + 4)
     runner = graphs.GraphDecoder(model, cache, torch.full((R,), L - 1, device=ids.device), use_graph=True,
                                  compile=True)
     try:
@@ -495,9 +498,19 @@ def _compiled_step_groups(model, ids, steps: int) -> dict:
             for _ in range(steps):
                 tok = runner.step(tok).argmax(-1)
             torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            runner.step(tok)
+        end.record()
+        torch.cuda.synchronize()
     finally:
         runner.close()
-    return _kernel_groups(prof, True, steps)  # "rest" includes the argmax between steps
+    kernels = sorted(((e.key[:60], getattr(e, "self_device_time_total", 0) / 1e3 / steps, e.count / steps)
+                      for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda k: -k[1])[:12]
+    return dict(groups=_kernel_groups(prof, True, steps), replay_ms=start.elapsed_time(end) / steps,
+                kernels=[dict(name=n, ms=round(ms, 4), per_step=c) for n, ms, c in kernels])
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
@@ -616,8 +629,13 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
             seen.add(r["workload"])
             lines.append("| " + " | ".join(_cell(r.get(c)) for c in checks) + " |")
     if profile:
-        lines += ["", "## One decode step of ours", "", "| " + " | ".join(profile) + " |", "|" + "---|" * len(profile),
-                  "| " + " | ".join(_cell(v) for v in profile.values()) + " |"]
+        flat = {k: v for k, v in profile.items() if k != "compiled_graph_kernels"}
+        lines += ["", "## One decode step of ours", "", "| " + " | ".join(flat) + " |", "|" + "---|" * len(flat),
+                  "| " + " | ".join(_cell(v) for v in flat.values()) + " |"]
+        if profile.get("compiled_graph_kernels"):
+            lines += ["", "Costliest kernels of the compiled step replayed from its CUDA graph:", "",
+                      "| kernel | ms per step | launches per step |", "|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['ms']} | {k['per_step']:g} |" for k in profile["compiled_graph_kernels"]]
     lines += ["", "## Targets", ""] + targets(rows, profile)
     path.write_text("\n".join(lines) + "\n")
 

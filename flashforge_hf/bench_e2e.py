@@ -752,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         profile = None
         if name == "profile":
-            profile = profile_decode_step(model, wl)
+            profile = dict(profile_decode_step(model, wl), **stamp)
             rows = []
         elif name == "capacity":
             rows = capacity(model, wl, args.max_batch if args.scale == "full" else min(args.max_batch, 8))

@@ -10,8 +10,9 @@ Each run (one GPU, tensor parallel, device_map) measures, on its own setup:
     random bf16 weights leave near-ties everywhere, so any change of reduction order (tensor parallel's
     all-reduce) flips bf16 greedy choices, stock's as much as ours; in fp32 the rounding noise is ~1e5 times
     smaller, and the fp32 tokens of a multi-GPU run must match the one-GPU run's;
-  - time to first token, time per output token and tokens/s of ours (eager loop: CUDA graphs need one device
-    and one process) and of stock with prefix reuse, best of 2 after a warm-up (not on one GPU).
+  - time to first token, time per output token and tokens/s of ours (transformers' eager loop; under tensor
+    parallel also our decode steps replayed from CUDA graphs, which need one device per process) and of stock
+    with prefix reuse, best of 2 after a warm-up (not on one GPU).
 ``report`` compares the greedy tokens of each multi-GPU run with the one-GPU run's and writes the table.
 
     python benchmarks/multi_gpu.py save /tmp/ff8b                          # random 8B-shape bf16 model
@@ -86,7 +87,8 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
         greedy[name] = run16.sequences[:, ids.shape[1]:].tolist()
     timings = {}
     if mode != "single":
-        for method in (bg.REUSE, bg.EAGER):
+        graph = (bg.GRAPH,) if mode == "tp" and dev.type == "cuda" else ()  # device_map: one device needed
+        for method in (bg.REUSE, bg.EAGER) + graph:
             r = be.measure(model, wl, method, ids, mask, repeats=2)
             timings[method] = be.run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()

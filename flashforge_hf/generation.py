@@ -295,9 +295,10 @@ def _decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int |
         reasons.append("max_new_tokens is not set")
     if why := graphs.unsupported(gc, kwargs):
         reasons.append(why)
-    if kwargs.get("synced_gpus") or (torch.distributed.is_available() and torch.distributed.is_initialized()
-                                     and torch.distributed.get_world_size() > 1):
-        reasons.append("several processes (tensor parallel / synced GPUs)")
+    if kwargs.get("synced_gpus"):
+        reasons.append("synced_gpus (DeepSpeed ZeRO-3 / FSDP)")
+    if compile and graphs.several_processes():  # CUDA graphs alone serve tensor parallel (graphs.decode)
+        reasons.append("several processes (tensor parallel)")
     if layer_devices(model):
         reasons.append("the model spans several devices (device_map)")
     cuda = model.device.type == "cuda"

@@ -44,6 +44,13 @@ MIN_BUCKET = 256  # columns: the smallest bucket bound
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several in a torch.distributed group (tensor parallel: every decode step
+    holds collectives, so every rank must run the same steps)."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def bucket_bound(end: int, capacity: int) -> int:
     """The bound of the bucket holding suffix end ``end``: the next power of two >= end (at least
     :data:`MIN_BUCKET`), capped at ``capacity``."""
@@ -133,8 +140,11 @@ class GraphDecoder:
             return
         before = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
+        # Tensor parallel: NCCL's watchdog thread may query events of the eager step's collectives during the
+        # capture, which the default ("global") mode forbids to every thread.
+        mode = "thread_local" if several_processes() else "global"
         try:
-            with torch.cuda.graph(graph):  # a private memory pool; the previous bucket's graph is already gone
+            with torch.cuda.graph(graph, capture_error_mode=mode):  # a private pool; the previous one is gone
                 self._forward()
         except torch.cuda.OutOfMemoryError as e:
             raise MemoryError(
@@ -253,6 +263,9 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     done_host = torch.zeros(max(new, 1), dtype=torch.bool, pin_memory=cuda)
     events: list = []
     checked, stop = 0, None  # steps whose "all done" flag was read; the first step that finished every row
+    # Several processes (tensor parallel): every rank must run the same steps, so the flags are read exactly LAG
+    # steps late, after waiting for that step, never by polling (which would make ranks stop at different steps).
+    lockstep = several_processes()
     runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and cuda, compile=compile)
     cursor0 = runner.cursor
     try:
@@ -286,7 +299,8 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
                 events[-1].record()
                 if t - checked >= LAG:
                     events[checked].synchronize()
-            while checked <= t and (not cuda or events[checked].query()):
+            newest = t - LAG if lockstep else t  # the newest step whose flag may be read now
+            while checked <= newest and (lockstep or not cuda or events[checked].query()):
                 if bool(done_host[checked]):
                     stop = checked
                     break

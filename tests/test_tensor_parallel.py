@@ -1,4 +1,5 @@
-"""Tensor parallel (tp_plan="auto") with 2 CPU processes on the gloo backend: every rank gets stock's tokens."""
+"""Tensor parallel (DistributedConfig(tp_plan="auto")) with 2 CPU processes on the gloo backend: every rank gets
+stock's tokens, from transformers' loop and from our static decode loop."""
 
 import json
 import shutil
@@ -45,6 +46,8 @@ def test_tensor_parallel_two_ranks(tmp_path):
     for r in ranks:
         assert r["ours"] == r["stock"] == single.tolist()
         assert r["kv_heads"] == 1  # each rank holds its own half of the 2 KV heads
+        # the static loop stopped early (every row at its EOS) on the same step on both ranks, with stock's tokens
+        assert r["ours_eos"] == r["stock_eos"] and len(r["stock_eos"][0]) < r["prompt_len"] + 12
     assert torch.equal(torch.tensor(ranks[0]["ours"]), torch.tensor(ranks[1]["ours"]))
 
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, DistributedConfig
 
 import flashforge_hf
+from flashforge_hf import graphs
 from tiny_models import tree_batch
 
 
@@ -31,7 +32,18 @@ def main(folder: str, out_file: str, backend: str = "gloo") -> None:
         ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, **gen)
         stock = sdpa.generate(input_ids=ids, attention_mask=mask, **gen)
         cache, _ = flashforge_hf.prefill_shared(ff, ids, mask, min_shared_tokens=4)
-        result = dict(rank=rank, ours=ours.tolist(), stock=stock.tolist(), kv_heads=cache.layers[0].seg_k.shape[0])
+        # Our static decode loop (CUDA graphs on CUDA, eager steps on the CPU) with every row ending early at its
+        # own EOS: every rank must stop at the same step (each step holds collectives).
+        L = ids.shape[1]
+        eos = dict(eos_token_id=[int(stock[r, L + 1 + r % 3]) for r in range(ids.shape[0])], pad_token_id=0,
+                   max_new_tokens=12, do_sample=False)
+        stock_eos = sdpa.generate(input_ids=ids, attention_mask=mask, **eos)
+        static, _ = flashforge_hf.prefill_shared(ff, ids, mask, min_shared_tokens=4, max_new_tokens=12)
+        kw = dict(input_ids=ids, attention_mask=mask, **{flashforge_hf.cache_kwarg(ff): static}, **eos)
+        ours_eos = ff.generate(**graphs.decode_kwargs(ff, kw, cuda_graph=backend == "nccl"))
+        result = dict(rank=rank, ours=ours.tolist(), stock=stock.tolist(), kv_heads=cache.layers[0].seg_k.shape[0],
+                      ours_eos=ours_eos.tolist(), stock_eos=stock_eos.tolist(), prompt_len=L,
+                      graphs=dict(graphs.last_stats))
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump(result, f)
         dist.barrier()  # no rank tears the group down while another still uses it

@@ -1,5 +1,6 @@
-"""Two GPUs: tensor parallel over NCCL (tp_plan="auto" under torchrun) and device_map over both GPUs in one
-process, on tiny fp32 models: FlashForge gives stock's tokens; each layer's storage stays on its layer's GPU."""
+"""Two GPUs: tensor parallel over NCCL (DistributedConfig(tp_plan="auto") under torchrun; decode steps replayed
+from CUDA graphs) and device_map over both GPUs in one process, on tiny fp32 models: FlashForge gives stock's
+tokens; each layer's storage stays on its layer's GPU."""
 
 import os
 
@@ -24,6 +25,8 @@ def test_tensor_parallel_nccl(tmp_path):
     _, ranks = run_two_ranks(tmp_path, "nccl")
     for r in ranks:
         assert r["ours"] == r["stock"] and r["kv_heads"] == 1  # each rank: its own half of the 2 KV heads
+        # CUDA graphs holding NCCL collectives, every row ending early: both ranks stop on the same step
+        assert r["ours_eos"] == r["stock_eos"] and r["graphs"]["graphs"] and r["graphs"]["captures"] >= 1
     assert ranks[0]["ours"] == ranks[1]["ours"]
 
 

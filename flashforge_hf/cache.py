@@ -383,9 +383,9 @@ class PrefixSharingCache(Cache):
         if t.device == device:
             return t
         key = (id(t), device)
-        if key not in self._mirrors:
-            self._mirrors[key] = t.to(device, non_blocking=True)
-        return self._mirrors[key]
+        if key not in self._mirrors or self._mirrors[key][0] is not t:  # the source is kept: its id stays unique
+            self._mirrors[key] = (t, t.to(device, non_blocking=True))
+        return self._mirrors[key][1]
 
     def _plan_on(self, plan: ForestPlan, device: torch.device) -> ForestPlan:
         """``plan`` for layers on ``device``: itself on the cache's device, else a copy of its tensors there

@@ -18,9 +18,12 @@ identical results.
 multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as
 transformers pads them). It never waits for the GPU inside the loop: whether every row has finished is copied to
 pinned host memory asynchronously and read once the GPU got there (the host runs at most :data:`LAG` steps
-ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Rows that have finished stop costing suffix-attention work (their suffix start moves
-past the end; the shared segments are read once for all rows anyway), unless scores or logits are returned:
-transformers keeps computing finished rows' logits, and so do we then. Off CUDA the same static steps run eagerly.
+ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Under tensor parallel
+(several processes) each step holds collectives, so every rank must run the same steps: the flags are then read
+exactly LAG steps late, after waiting for that step, on every rank alike. Rows that have finished stop costing
+suffix-attention work (their suffix start moves past the end; the shared segments are read once for all rows
+anyway), unless scores or logits are returned: transformers keeps computing finished rows' logits, and so do we
+then. Off CUDA the same static steps run eagerly.
 
 ``compile=True`` runs the step through ``torch.compile`` (inductor, default mode) before capturing it: the
 model's own non-attention work (RMSNorm, rotary embedding, SiLU, residual adds: some 35 small kernels per layer in

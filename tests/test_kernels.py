@@ -311,7 +311,7 @@ def test_gpu_plans_write_every_partial_slot(rows, q_len):
             for G in (1, 4):
                 seg, off = plan_segments([[0, 1]] * rows, [0, n], [n, 3], q_len, G, hkv, 128, 2,
                                          torch.device("cpu"), device_model=H100)
-                seg_rows, row_slot = seg.seg_rows.tolist(), seg.row_slot.tolist()
+                row_slot = seg.row_slot.tolist()
                 written = []
                 for kv_lo, kv_hi, rows_lo, m_lo, m_hi, chunk in seg.host:
                     assert kv_lo < kv_hi

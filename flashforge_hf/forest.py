@@ -1,11 +1,16 @@
 """Segment-forest attention of one layer: shared segments, then each row's suffix, then the merge.
 
-Tier 2 of the package: it calls the kernel launchers (CUDA tensors) or their PyTorch references
-(every other device) with the plan made once per forward pass, and knows nothing of transformers.
+Tier 2 of the package: it calls the kernel launchers (CUDA tensors) with the plan made once per forward pass,
+and knows nothing of transformers. Every other device runs the same math in a few batched PyTorch ops per
+layer (:func:`_forest_attention_host`: one matmul per segment task for all its rows, one for the suffixes, one
+gathered log-sum-exp merge; its index tables are made at the first layer and kept on the plan); where that does
+not apply (a segment task covering part of a row's queries, several suffix splits, score tensors past
+``_HOST_MAX_SCORES`` elements) the kernels' PyTorch references run, which are slower (hundreds of small ops per
+layer) but blocked for long prefills.
 
 On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
-(device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its tensors
-to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
+(device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its
+tensors to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
 otherwise the merge kernel follows (three). The merge kernel is compiled in either case, so that a decode
 whose suffix starts splitting compiles nothing. Triton compiles for and launches on the current device, so a
 layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
@@ -66,9 +71,125 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
             launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
         launch(*tensors)
         return out
+    if _forest_attention_host(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out):
+        return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
     if plan.segments is not None:
         segment_attention.segment_attention_reference(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
     suffix_attention.suffix_attention_reference(q, suf_k, suf_v, plan.suffix, o_part, lse_part, sm_scale)
     merge.merge_partials_reference(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
     return out
+
+
+# ---- non-CUDA devices: the same attention in a few batched PyTorch ops per layer ------------------------------
+_HOST_MAX_SCORES = 1 << 24  # score elements per op above which the blocked references run instead (long prefills)
+
+
+def _host_prepare(q, suf_k, plan: ForestPlan):
+    """What every layer of one forward pass shares on a non-CUDA device, made at its first layer and kept on the
+    plan (``plan.launches["host"]``): per segment task its rows and partial slots as index tensors, and the merge's
+    gather indices. None when the fast path does not apply (a task that covers part of a row's queries, several
+    suffix splits, or score tensors too large): the references run."""
+    R, Hq, Q, D = q.shape
+    Hkv = suf_k.shape[1]
+    G = Hq // Hkv
+    dev = q.device
+    suf = plan.suffix
+    if suf.n_splits != 1:
+        return None
+    tasks = []
+    if plan.segments is not None:
+        seg_rows = plan.segments.seg_rows.tolist()
+        row_slot = plan.segments.row_slot.tolist()
+        per_row = Q * G
+        for kv_lo, kv_hi, rows_lo, m_lo, m_hi, chunk in plan.segments.host:
+            if m_lo % per_row or m_hi % per_row or Hkv * (m_hi - m_lo) * (kv_hi - kv_lo) > _HOST_MAX_SCORES:
+                return None
+            lo, hi = rows_lo + m_lo // per_row, rows_lo + m_hi // per_row
+            rows = torch.tensor(seg_rows[lo:hi], dtype=torch.long, device=dev)
+            slots = torch.tensor([s + chunk for s in row_slot[lo:hi]], dtype=torch.long, device=dev)
+            tasks.append((kv_lo, kv_hi, rows, slots))
+    # Merge: each row's segment slots (row_slot_off) then its suffix slot, padded with a slot whose lse is -inf.
+    bounds = plan.row_slot_off.tolist()
+    slots = [list(range(bounds[r], bounds[r + 1])) + [suf.slot0 + r] for r in range(R)]
+    n = max(map(len, slots))
+    pad = plan.n_slots  # one extra slot past the plan's, kept at lse -inf
+    idx = torch.tensor([s + [pad] * (n - len(s)) for s in slots], dtype=torch.long, device=dev)
+    return {"tasks": tasks, "idx": idx, "pad": pad, "end": None, "start": None}
+
+
+def _suffix_bias(prep: dict, plan: ForestPlan, R: int, Q: int, end: int, dtype) -> tuple[torch.Tensor, bool]:
+    """The suffix mask as an additive bias [R, 1, 1, Q, end] (query t of row r sits at column end - Q + t and sees
+    columns [start[r], end - Q + t]) and whether some query sees no column. Remade when ``end`` or the starts
+    change: a plan of the static decode loop serves several steps, each one column further, and moves the starts
+    of finished rows in place (graphs.GraphDecoder.finish_rows)."""
+    start = plan.suffix.start
+    if prep["end"] != end or not torch.equal(prep["start"], start):
+        dev = start.device
+        cols = torch.arange(end, device=dev)
+        qcol = end - Q + torch.arange(Q, device=dev)
+        prep["start"] = start.clone()
+        start = start.long()
+        visible = (cols[None, None, :] >= start[:, None, None]) & (cols[None, None, :] <= qcol[None, :, None])
+        bias = torch.zeros(R, 1, 1, Q, end, dtype=dtype, device=dev)
+        bias.masked_fill_(~visible[:, None, None], float("-inf"))
+        prep.update(end=end, bias=bias, empty=bool((~visible).all(-1).any()))
+    return prep["bias"], prep["empty"]
+
+
+def _softmax_times(s: torch.Tensor, v: torch.Tensor, mm, masked_rows: bool = False):
+    """(softmax(s) @ v, logsumexp(s) with a trailing 1) with one exp pass; ``s`` is overwritten. Rows of ``s``
+    that are all -inf (``masked_rows``) give zeros and -inf."""
+    m = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(m).exp_()
+    if masked_rows:
+        p = p.nan_to_num_(0.0)
+    den = p.sum(dim=-1, keepdim=True)
+    o = mm(p, v).div_(den)
+    if masked_rows:
+        o = o.nan_to_num_(0.0)
+    return o, den.log_().add_(m)
+
+
+def _forest_attention_host(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out) -> bool:
+    """forest_attention on a non-CUDA device in batched ops (same math as the references: float32 or wider
+    partials, log-sum-exp merge). Returns False, having done nothing, where it does not apply."""
+    prep = plan.launches.get("host", False)
+    if prep is False:
+        prep = plan.launches["host"] = _host_prepare(q, suf_k, plan)
+    R, Hq, Q, D = q.shape
+    end = int(plan.suffix.end)  # host read: non-CUDA devices only
+    if prep is None or end == 0 or R * Hq * Q * end > _HOST_MAX_SCORES:
+        return False
+    Hkv = suf_k.shape[1]
+    G = Hq // Hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    bias, empty_rows = _suffix_bias(prep, plan, R, Q, end, acc)
+    pad, idx = prep["pad"], prep["idx"]
+    # Partials [P + 1, Q, Hq, (D)]: the plan's slots, plus the padding slot.
+    o_part = torch.empty(pad + 1, Q, Hq, D, dtype=acc, device=q.device)
+    lse_part = torch.empty(pad + 1, Q, Hq, dtype=acc, device=q.device)
+    lse_part[pad] = float("-inf")
+    o_part[pad] = 0
+    qa = q.to(acc)
+    for kv_lo, kv_hi, rows, slots in prep["tasks"]:
+        r = rows.numel()
+        # Queries of the task's rows stacked per KV head: [Hkv, r * G * Q, D] (order r, g, t).
+        qs = qa.index_select(0, rows).reshape(r, Hkv, G * Q, D).transpose(0, 1).reshape(Hkv, r * G * Q, D)
+        s = torch.bmm(qs, seg_k[:, kv_lo:kv_hi].to(acc).transpose(1, 2)).mul_(sm_scale)  # [Hkv, M, n]
+        o, lse = _softmax_times(s, seg_v[:, kv_lo:kv_hi].to(acc), torch.bmm)  # [Hkv, M, D], [Hkv, M, 1]
+        o_part.index_copy_(0, slots, o.view(Hkv, r, G, Q, D).permute(1, 3, 0, 2, 4).reshape(r, Q, Hq, D))
+        lse_part.index_copy_(0, slots, lse.view(Hkv, r, G, Q).permute(1, 3, 0, 2).reshape(r, Q, Hq))
+    # Suffix: scores [R, Hkv, G * Q, n] against each row's own columns [0, end), masked by the bias.
+    s = torch.matmul(qa.reshape(R, Hkv, G * Q, D), suf_k[:, :, :end].to(acc).transpose(-1, -2)).mul_(sm_scale)
+    s = s.view(R, Hkv, G, Q, end).add_(bias).view(R, Hkv, G * Q, end)
+    o, lse = _softmax_times(s, suf_v[:, :, :end].to(acc), torch.matmul, empty_rows)  # [R, Hkv, G * Q, D]
+    slot0 = plan.suffix.slot0
+    o_part[slot0 : slot0 + R] = o.reshape(R, Hq, Q, D).transpose(1, 2)
+    lse_part[slot0 : slot0 + R] = lse.reshape(R, Hq, Q).transpose(1, 2)
+    # Merge: out = sum_j exp(lse_j - logsumexp_j lse_j) * o_j over each row's slots; all -inf gives zeros.
+    lse_g = lse_part[idx]  # [R, n, Q, Hq]
+    total = torch.logsumexp(lse_g, dim=1, keepdim=True)
+    w = (lse_g - total).exp_().nan_to_num_(0.0)
+    out.copy_((w[..., None] * o_part[idx]).sum(1))
+    return True

@@ -65,8 +65,9 @@ class ForestPlan:
     n_slots:       partial slots in all (segment chunks per row, then n_splits * R suffix slots).
     q_len:         query tokens per row in this forward.
     workspace:     float32 storage of the partial buffers, owned by the caller and shared across plans.
-    launches:      bound kernel launches of this plan, keyed by the layer tensors' geometry (filled by
-                   forest_attention at the first layer, reused by the others).
+    launches:      bound kernel launches of this plan, keyed by the layer tensors' geometry (CUDA), or the
+                   index tables of forest_attention's batched path (key "host", other devices); filled by
+                   forest_attention at the first layer, reused by the others.
     """
 
     segments: SegmentTasks | None

@@ -19,7 +19,8 @@ from flashforge_hf.kernels.merge import merge_partials, merge_partials_reference
 from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attention, segment_attention_reference
 from flashforge_hf.kernels.suffix_attention import (SuffixTasks, suffix_attention, suffix_attention_merged,
                                                     suffix_attention_merged_reference, suffix_attention_reference)
-from flashforge_hf.planner import DeviceModel, make_plan, plan_segments
+from flashforge_hf.forest import forest_attention
+from flashforge_hf.planner import DeviceModel, ForestPlan, make_plan, plan_segments
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py)")
@@ -292,6 +293,32 @@ def test_planner_plans(name, dtype):
 def test_chunks_and_splits(name, chunk_len, block_m, split_len, dtype):
     f = make_forest(7 + chunk_len, dtype=dtype, **FORESTS[name])
     check_forest(f, manual_plan(f, chunk_len, block_m, split_len, seed=chunk_len), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", list(FORESTS))
+def test_forest_attention_off_cuda(name, dtype):
+    """forest_attention on the CPU against the float64 truth, NaN-prefilled output: its batched path (the CPU
+    planner's plans: whole rows per task, one split), with a finished row (start past end) too, and its fallback
+    to the references (chunked tasks cutting rows, several splits)."""
+    f = make_forest(sum(map(ord, name)) + 1, dtype=dtype, **FORESTS[name])
+    R, Hq, Q, D, Hkv = f.dims
+    sm_scale = D ** -0.5
+    for variant in ("batched", "finished row", "fallback"):
+        if variant == "finished row":
+            f.start[1] = f.end + 3
+        if variant == "fallback":
+            seg, suf, off, n_slots = manual_plan(f, chunk_len=5, block_m=2, split_len=2, seed=1)
+        else:
+            seg, suf, off, n_slots = planner_plan(f)
+        truth = dense_attention(f, sm_scale, torch.float64)[0]
+        limit = 2 * rel_err(dense_attention(f, sm_scale, dtype)[0], truth) + EPS[dtype]
+        plan = ForestPlan(segments=seg, suffix=suf, row_slot_off=off, n_slots=n_slots, q_len=Q)
+        out = torch.full((R, Q, Hq, D), float("nan"), dtype=dtype)
+        forest_attention(f.q, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, sm_scale, out)
+        assert (plan.launches["host"] is None) == (variant == "fallback"), variant
+        err = rel_err(out, truth)
+        assert err <= limit, f"{variant}: error {err:.3g} > {limit:.3g}"
 
 
 def test_long_segment():

@@ -363,11 +363,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     B, width = input_ids.shape
     max_new = _max_new_tokens(model, width, kwargs)
     check_model(model, longest_row=width + (max_new or 0))
+    policy = _decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)  # raises before any work
     forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=copies)
     fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
     per_batch = min(fit, batch_size or B)
     kw = model_cache_kwarg(model)
-    if (policy := _decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)) is not None:
+    if policy is not None:
         kwargs = graphs.decode_kwargs(model, kwargs, **policy)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)

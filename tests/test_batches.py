@@ -69,3 +69,23 @@ def test_memory_estimate_and_clear_error(pair):
     assert big > small >= 1
     with pytest.raises(MemoryError, match="Not even one prompt fits"):
         ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**5)
+
+
+def test_memory_estimate_per_device_under_device_map(pair):
+    """A model that device_map spread over two GPUs (its hf_device_map faked here) is sized on each GPU with that
+    GPU's share of the layers' K/V (activations and logits counted on both): more prompts fit than on one device
+    with the same free memory; compile=True (one device needed) is refused naming device_map."""
+    _, ff = pair
+    ids, mask = shared_prefix_batch(seed=23, batch=4, prefix=64)
+    forest = build_forest(ids, mask, copies=2)
+    n = ff.config.num_hidden_layers
+    one = ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**7)
+    ff.hf_device_map = {"model.embed_tokens": 0, **{f"model.layers.{i}": int(i >= n // 2) for i in range(n)},
+                        "model.norm": 1, "lm_head": 1}
+    try:
+        assert ffg.layer_devices(ff) == {torch.device("cuda", 0): n // 2, torch.device("cuda", 1): n - n // 2}
+        assert ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**7) > one
+        with pytest.raises(NotImplementedError, match="device_map"):
+            flashforge_hf.generate(ff, ids, mask, compile=True, max_new_tokens=2)
+    finally:
+        del ff.hf_device_map

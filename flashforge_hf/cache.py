@@ -25,9 +25,9 @@ forward pass on the cache's device (the device of the model's inputs) and its fe
 per forward pass to every other device a layer runs on, where they are reused by that device's layers.
 
 Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_static` fixes the suffix buffers
-(no growth) and makes each forward pass write its one new token per row at the device column ``static_col``
-(int64 [1]) and attend up to ``end``; the caller advances both on the device after each step, and picks the
-plan with :meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one
+(no growth) and makes each forward pass write its one new token per row at column ``end - 1`` and attend up to
+``end`` (int32 [1], device; the suffix kernel itself writes the token, see forest_attention's ``new_kv``); the
+caller advances ``end`` on the device after each step, and picks the plan with :meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one
 captured CUDA graph replays every step of a bucket.
 """
 
@@ -110,6 +110,7 @@ class HandOff:
     seg_v: torch.Tensor
     suf_k: torch.Tensor
     suf_v: torch.Tensor
+    new_kv: tuple | None = None  # static decoding: the token's (keys, values), written by the attention itself
     consumed: bool = False
 
     def run(self, module, query: torch.Tensor, sm_scale: float) -> torch.Tensor:
@@ -129,7 +130,8 @@ class HandOff:
             )
         self.consumed = True
         plan = cache._plan_for(query)
-        return forest_attention(query, self.seg_k, self.seg_v, self.suf_k, self.suf_v, plan, sm_scale)
+        return forest_attention(query, self.seg_k, self.seg_v, self.suf_k, self.suf_v, plan, sm_scale,
+                                new_kv=self.new_kv)
 
 
 class PrefixSharingCache(Cache):
@@ -181,7 +183,7 @@ class PrefixSharingCache(Cache):
         self._mirrors: dict = {}  # this forward's copies of small plan/stage tensors on other devices
         self._workspaces: dict = {}  # per other device: its layers' partial buffers
         self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
-        self.static_col: torch.Tensor | None = None  # int64 [1]: static mode's write column (None: not static)
+        self.static = False  # static decoding (see the module docstring)
         self._static_bound = 0
         self._static_plans: dict = {}
 
@@ -257,6 +259,7 @@ class PrefixSharingCache(Cache):
         self._expected_layer = layer_idx + 1
         layer = self.layers[layer_idx]
         self._check_shapes(layer, key_states, value_states)
+        new_kv = None
         if self._stage is not None and self._stage[0] == "segments":
             _, seg_ids, src_index, dst_index = self._stage
             self._ensure_storage(layer, key_states)
@@ -267,10 +270,8 @@ class PrefixSharingCache(Cache):
             layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
             layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
             suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
-        elif self.static_col is not None:  # one token per row at the device column (CUDA-graph safe)
-            layer.suf_k.index_copy_(2, self.static_col, key_states)
-            layer.suf_v.index_copy_(2, self.static_col, value_states)
-            suf_k, suf_v = layer.suf_k, layer.suf_v
+        elif self.static:  # one token per row at column end - 1, written by the attention (CUDA-graph safe)
+            suf_k, suf_v, new_kv = layer.suf_k, layer.suf_v, (key_states, value_states)
         else:
             self._ensure_storage(layer, key_states)
             q = key_states.shape[2]
@@ -278,7 +279,7 @@ class PrefixSharingCache(Cache):
             layer.suf_k[:, :, lo : lo + q] = key_states
             layer.suf_v[:, :, lo : lo + q] = value_states
             suf_k, suf_v = layer.suf_k, layer.suf_v
-        h = HandOff(weakref.ref(self), layer_idx, self._forward_id, layer.seg_k, layer.seg_v, suf_k, suf_v)
+        h = HandOff(weakref.ref(self), layer_idx, self._forward_id, layer.seg_k, layer.seg_v, suf_k, suf_v, new_kv)
         self._last_handoff = h
         k_out = key_states.view_as(key_states)  # the attention function finds the hand-off on the keys
         k_out._flashforge = h
@@ -329,10 +330,10 @@ class PrefixSharingCache(Cache):
                     f"This PrefixSharingCache holds {self.num_rows} rows but the model got a batch of {k.shape[0]}: "
                     "pass the same num_return_sequences/num_beams to generate as to prefill_shared."
                 )
-            if self.static_col is not None:
+            if self.static:
                 if q != 1:
                     raise ValueError(f"A PrefixSharingCache in static mode decodes one token per row, got {q}.")
-                return  # the caller keeps static_col, end and the cursor
+                return  # the caller keeps end and the cursor
             self._write_lo, self._write_hi = self.cursor, self.cursor + q
             self.cursor += q
             self._end.fill_(self._write_hi)
@@ -363,7 +364,7 @@ class PrefixSharingCache(Cache):
                 self._seg_plan_cache[key] = segment_part(
                     [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, Hkv, D, itemsize, self.device
                 )
-            if self.static_col is not None:  # one plan per bucket, made for its largest end
+            if self.static:  # one plan per bucket, made for its largest end
                 bound = self._static_bound
                 plan = self._static_plans.get(bound)
                 if plan is None:
@@ -414,8 +415,8 @@ class PrefixSharingCache(Cache):
 
     # ---- static decoding (driven by graphs.GraphDecoder) ----------------------------------------------------
     def begin_static(self) -> None:
-        """Enter static decoding at the current cursor: the next forward writes column ``cursor`` (held in the
-        device tensor ``static_col``) and attends up to ``end`` = that column + 1 (see the module docstring).
+        """Enter static decoding at the current cursor: the next forward writes column ``cursor`` and attends up
+        to ``end`` = that column + 1 (see the module docstring).
         The suffix buffers are allocated for the whole capacity now and never move afterwards."""
         if self._stage is not None or self.layers[0].seg_k is None:
             raise RuntimeError("begin_static() needs a prefilled PrefixSharingCache (see prefill_shared).")
@@ -427,7 +428,7 @@ class PrefixSharingCache(Cache):
             if layer.suf_k is None or layer.suf_k.shape[2] < self.capacity:
                 self._ensure_storage(layer, layer.seg_k.new_empty(self.num_rows, layer.seg_k.shape[0], 0,
                                                                   layer.seg_k.shape[2]))
-        self.static_col = torch.full((1,), self.cursor, dtype=torch.long, device=self.device)
+        self.static = True
         self._end.fill_(self.cursor + 1)
         self._static_plans = {}
 
@@ -438,14 +439,13 @@ class PrefixSharingCache(Cache):
         self._static_bound = bound
 
     def advance_static(self) -> None:
-        """After a static forward: the next one writes the next column and attends one column further (in place
-        on the device, so a captured CUDA graph advances them itself)."""
-        self.static_col += 1
+        """After a static forward: the next one writes the next column and attends one column further (``end`` is
+        advanced in place on the device, so a captured CUDA graph advances it itself)."""
         self._end += 1
 
     def end_static(self, cursor: int) -> None:
         """Leave static decoding with ``cursor`` columns written (the host count of the static steps)."""
-        self.static_col = None
+        self.static = False
         self._static_plans = {}
         self.cursor = cursor
         self._end.fill_(cursor)

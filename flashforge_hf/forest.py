@@ -25,8 +25,9 @@ from .kernels import merge, segment_attention, suffix_attention
 from .planner import ForestPlan
 
 
-def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out):
-    """``launch(q, seg_k, seg_v, suf_k, suf_v, out)``: every kernel of one layer for tensors like these."""
+def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out, new_kv):
+    """``launch(q, seg_k, seg_v, suf_k, suf_v, out, new_k, new_v)``: every kernel of one layer for tensors like
+    these."""
     R, Hq, Q, D = q.shape
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)
     seg = None
@@ -34,23 +35,26 @@ def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float
         seg = segment_attention.bind_segment_attention(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
     fused = plan.suffix.n_splits == 1
     suf = suffix_attention.bind_suffix_attention(q, suf_k, suf_v, plan.suffix, o_part, lse_part, plan.row_slot_off,
-                                                 out, sm_scale, fused)
+                                                 out, sm_scale, fused, new_kv)
     mrg = merge.bind_merge_partials(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
     if seg is None:
         if fused:
-            return lambda q, sk, sv, fk, fv, out: suf(q, fk, fv, out)
-        return lambda q, sk, sv, fk, fv, out: (suf(q, fk, fv, out), mrg(out))
+            return lambda q, sk, sv, fk, fv, out, nk, nv: suf(q, fk, fv, out, nk, nv)
+        return lambda q, sk, sv, fk, fv, out, nk, nv: (suf(q, fk, fv, out, nk, nv), mrg(out))
     if fused:
-        return lambda q, sk, sv, fk, fv, out: (seg(q, sk, sv), suf(q, fk, fv, out))
-    return lambda q, sk, sv, fk, fv, out: (seg(q, sk, sv), suf(q, fk, fv, out), mrg(out))
+        return lambda q, sk, sv, fk, fv, out, nk, nv: (seg(q, sk, sv), suf(q, fk, fv, out, nk, nv))
+    return lambda q, sk, sv, fk, fv, out, nk, nv: (seg(q, sk, sv), suf(q, fk, fv, out, nk, nv), mrg(out))
 
 
-def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out=None) -> torch.Tensor:
+def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out=None,
+                     new_kv=None) -> torch.Tensor:
     """Exact attention of every query over its row's ancestor segments plus its own suffix.
 
     q: [R, Hq, Q, D] model dtype (any strides, last dim contiguous); seg_k/seg_v: [Hkv, T, D] packed shared
     segments (T may be 0); suf_k/suf_v: [R, Hkv, C, D] suffix buffers. Returns out [R, Q, Hq, D] in q's dtype
     (the layout transformers' attention functions return). Log-sum-exps are natural-log, float32.
+    ``new_kv``: decoding one token per row (Q = 1), its (keys, values) [R, Hkv, 1, D], stored at column
+    ``end - 1`` of the suffix buffers before they are read (on CUDA by the suffix kernel itself).
     """
     R, Hq, Q, D = q.shape
     if out is None:
@@ -58,19 +62,25 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
     if q.is_cuda and q.device.index != torch.cuda.current_device():
         # device_map leaves the current device at the first GPU (see the module docstring)
         with torch.cuda.device(q.device):
-            return forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
+            return forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out, new_kv)
     if q.is_cuda:
-        tensors = (q, seg_k, seg_v, suf_k, suf_v, out)
+        new = new_kv if new_kv is not None else (q, q)
+        tensors = (q, seg_k, seg_v, suf_k, suf_v, out, *new)
         misaligned = (q.data_ptr() | seg_k.data_ptr() | seg_v.data_ptr() | suf_k.data_ptr() | suf_v.data_ptr()
-                      | out.data_ptr()) % 16
+                      | out.data_ptr() | new[0].data_ptr() | new[1].data_ptr()) % 16
         key = (q.device.index, sm_scale, q.dtype, q.shape, q.stride(), seg_k.shape, seg_k.stride(), seg_v.stride(),
                suf_k.shape, suf_k.stride(), suf_v.stride(), out.stride(),
+               new_kv is not None and (new[0].stride(), new[1].stride()),
                misaligned and tuple(t.data_ptr() % 16 == 0 for t in tensors))
         launch = plan.launches.get(key)
         if launch is None:
-            launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out)
+            launch = plan.launches[key] = _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out, new_kv)
         launch(*tensors)
         return out
+    if new_kv is not None:
+        if Q != 1:
+            raise ValueError(f"new_kv is for decoding one token per row, but q has {Q} query tokens per row")
+        suffix_attention.write_new_kv(suf_k, suf_v, new_kv, int(plan.suffix.end))  # host read: non-CUDA devices
     if _forest_attention_host(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out):
         return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)

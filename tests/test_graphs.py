@@ -47,7 +47,7 @@ def test_greedy_over_buckets_equals_eager_loop(model):
     eager, _ = _generate(model, ids, mask, False, max_new_tokens=20, do_sample=False)
     ours, cache = _generate(model, ids, mask, True, max_new_tokens=20, do_sample=False)
     assert torch.equal(eager, ours)
-    assert cache.static_col is None and cache.cursor == cache.suffix_len + 20  # left static mode, cursor right
+    assert not cache.static and cache.cursor == cache.suffix_len + 20  # left static mode, cursor right
     assert graphs.last_stats["captures"] == 0 and not graphs.last_stats["graphs"]
 
 
@@ -139,7 +139,7 @@ def test_errors_before_work(model):
     with pytest.raises(NotImplementedError, match="beam search"):
         model.generate(**inputs, **kw, custom_generate=graphs.decode, cuda_graph=False, max_new_tokens=4,
                        num_beams=2, do_sample=False)
-    assert cache.static_col is None  # nothing was started
+    assert not cache.static  # nothing was started
     with pytest.raises(NotImplementedError, match="cuda_graph=True cannot be served: the model is on cpu"):
         flashforge_hf.generate(model, ids, mask, max_new_tokens=4, cuda_graph=True)
 

@@ -7,6 +7,7 @@ doing the same dense computation in the input dtype, plus a tiny epsilon. Output
 unwritten element fails. The interpreter's bfloat16 dot is broken (triton 3.9), so bf16 runs only on the GPU.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -184,8 +185,9 @@ def manual_plan(f: Forest, chunk_len, block_m, split_len, seed=0, device="cpu", 
     return seg, suf, i32(row_slot_off), slot0 + n_splits * R
 
 
-def run_partials(f: Forest, plan, kernels: bool, dtype=None):
-    """(o_part, lse_part) from the launchers (or the references, on inputs cast to ``dtype``); NaN-prefilled."""
+def run_partials(f: Forest, plan, kernels: bool, dtype=None, new_kv=None):
+    """(o_part, lse_part) from the launchers (or the references, on inputs cast to ``dtype``); NaN-prefilled.
+    ``new_kv`` goes to the suffix launcher (or reference) as is."""
     seg, suf, _, n_slots = plan
     R, Hq, Q, D, Hkv = f.dims
     cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))  # noqa: E731
@@ -198,7 +200,8 @@ def run_partials(f: Forest, plan, kernels: bool, dtype=None):
     if seg is not None:
         (segment_attention if kernels else segment_attention_reference)(q, seg_k, seg_v, seg, o_part, lse_part,
                                                                          sm_scale)
-    (suffix_attention if kernels else suffix_attention_reference)(q, suf_k, suf_v, suf, o_part, lse_part, sm_scale)
+    (suffix_attention if kernels else suffix_attention_reference)(q, suf_k, suf_v, suf, o_part, lse_part, sm_scale,
+                                                                   new_kv)
     return o_part, lse_part
 
 
@@ -319,6 +322,66 @@ def test_forest_attention_off_cuda(name, dtype):
         assert (plan.launches["host"] is None) == (variant == "fallback"), variant
         err = rel_err(out, truth)
         assert err <= limit, f"{variant}: error {err:.3g} > {limit:.3g}"
+
+
+def with_hole(f: Forest):
+    """(f with column end - 1 of its suffix buffers set to NaN, that column's (keys, values) [R, Hkv, 1, D])."""
+    new_kv = (f.suf_k[:, :, f.end - 1:f.end].clone(), f.suf_v[:, :, f.end - 1:f.end].clone())
+    k, v = f.suf_k.clone(), f.suf_v.clone()
+    k[:, :, f.end - 1] = float("nan")
+    v[:, :, f.end - 1] = float("nan")
+    return dataclasses.replace(f, suf_k=k, suf_v=v), new_kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("name", [n for n, kw in FORESTS.items() if kw["Q"] == 1])
+def test_new_kv_written_by_the_attention(name, dtype):
+    """Decoding one token per row with ``new_kv`` (the kernel attends to it from registers and stores it at
+    column end - 1): with that column NaN beforehand, the suffix kernel (one split merged, or several splits),
+    its references and forest_attention's CPU path stay within the precision rule of the float64 truth, a
+    finished row included, and leave the buffers holding the token."""
+    f = make_forest(sum(map(ord, name)) + 2, dtype=dtype, **FORESTS[name])
+    f.start[0] = f.end + 1  # a finished row (its suffix start moved past the end): still written
+    R, Hq, Q, D, Hkv = f.dims
+    sm_scale = D ** -0.5
+    truth = dense_attention(f, sm_scale, torch.float64)[0]
+    limit = 2 * rel_err(dense_attention(f, sm_scale, dtype)[0], truth) + EPS[dtype]
+    for seg, suf, off, n_slots in (planner_plan(f), manual_plan(f, chunk_len=5, block_m=16, split_len=2, seed=3)):
+        for kernels, ref_dtype in ((True, None), (False, torch.float64)):
+            g, new_kv = with_hole(f)
+            o_part, lse_part = run_partials(g, (seg, suf, off, n_slots), kernels, ref_dtype,
+                                            new_kv if ref_dtype is None else [x.to(ref_dtype) for x in new_kv])
+            if ref_dtype is None:  # the references wrote a float64 copy of the buffers
+                assert torch.equal(g.suf_k, f.suf_k) and torch.equal(g.suf_v, f.suf_v), "new token not written"
+            out = torch.empty(R, Q, Hq, D, dtype=o_part.dtype)
+            merge_partials_reference(o_part, lse_part, off, suf.slot0, suf.n_splits, out)
+            err = rel_err(out, truth)
+            assert err <= (limit if kernels else 1e-12), f"kernels={kernels}: error {err:.3g} > {limit:.3g}"
+        if suf.n_splits == 1:
+            g, new_kv = with_hole(f)
+            o_part, lse_part = run_partials(g, (seg, suf, off, n_slots), True)
+            out = torch.full((R, Q, Hq, D), float("nan"), dtype=dtype)
+            suffix_attention_merged(g.q, g.suf_k, g.suf_v, suf, o_part, lse_part, off, out, sm_scale, new_kv)
+            assert torch.equal(g.suf_k, f.suf_k) and rel_err(out, truth) <= limit, "merged suffix kernel, new_kv"
+        g, new_kv = with_hole(f)
+        plan = ForestPlan(segments=seg, suffix=suf, row_slot_off=off, n_slots=n_slots, q_len=Q)
+        out = forest_attention(g.q, g.seg_k, g.seg_v, g.suf_k, g.suf_v, plan, sm_scale, new_kv=new_kv)
+        assert torch.equal(g.suf_k, f.suf_k) and rel_err(out, truth) <= limit, "forest_attention (CPU), new_kv"
+
+
+def test_new_kv_refused_where_it_cannot_apply():
+    """new_kv is one token per row: several query tokens, or keys of another shape, raise before any work."""
+    f = make_forest(5, dtype=torch.float32, **FORESTS["gqa4_d96_3levels_prefill"])  # Q = 3
+    R, Hq, Q, D, Hkv = f.dims
+    seg, suf, off, n_slots = planner_plan(f)
+    plan = ForestPlan(segments=seg, suffix=suf, row_slot_off=off, n_slots=n_slots, q_len=Q)
+    one = f.suf_k[:, :, :1].clone()
+    with pytest.raises(ValueError, match="one token per row"):
+        forest_attention(f.q, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, D ** -0.5, new_kv=(one, one))
+    o_part, lse_part = run_partials(f, (seg, suf, off, n_slots), True)
+    q1 = f.q[:, :, :1]
+    with pytest.raises(ValueError, match="one decoded token per row"):
+        suffix_attention(q1, f.suf_k, f.suf_v, suf, o_part, lse_part, D ** -0.5, (one[:, :1], one[:, :1]))
 
 
 def test_long_segment():

@@ -16,7 +16,8 @@ from flashforge_hf.forest import forest_attention
 from flashforge_hf.kernels import _common, merge, segment_attention, suffix_attention
 from flashforge_hf.kernels.suffix_attention import SuffixTasks
 from flashforge_hf.planner import ForestPlan, make_plan
-from test_kernels import EPS, check_forest, dense_attention, make_forest, planner_plan, rel_err, run_partials
+from test_kernels import (EPS, check_forest, dense_attention, make_forest, planner_plan, rel_err, run_partials,
+                          with_hole)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -86,6 +87,31 @@ def test_forest_attention_bound_launches(name, split):
     err, limit = _forest_call_error(dataclasses.replace(f2, q=q_odd), plan)
     assert err <= limit, f"misaligned q: {err:.3g} > {limit:.3g}"
     assert len(plan.launches) == 2
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["merged_suffix", "split_suffix"])
+@pytest.mark.parametrize("name", ["gqa4_d128_decode", "gqa3_d80_decode", "long_segment"])
+def test_new_kv_written_by_the_suffix_kernel(name, split):
+    """Decoding with new_kv (the suffix kernel attends to the token from registers and stores it at column
+    end - 1): with that column NaN beforehand, forest_attention stays within the precision rule of the float64
+    truth, leaves the buffers holding the token, and gives bitwise the same output ten times over."""
+    f = make_forest(len(name) + 1, dtype=torch.bfloat16, device="cuda", **CASES[name])
+    R, Hq, Q, D, Hkv = f.dims
+    seg, suf, off, _ = planner_plan(f, "cuda")
+    split_len = 16 if split else f.end
+    n_splits = -(-f.end // split_len)
+    plan = ForestPlan(seg, suf._replace(split_len=split_len, n_splits=n_splits), off, suf.slot0 + n_splits * R, Q)
+    truth, _ = dense_attention(f, D ** -0.5, torch.float64)
+    limit = 2 * rel_err(dense_attention(f, D ** -0.5, f.q.dtype)[0], truth) + EPS[f.q.dtype]
+    first = None
+    for _ in range(10):
+        g, new_kv = with_hole(f)
+        out = forest_attention(g.q, g.seg_k, g.seg_v, g.suf_k, g.suf_v, plan, D ** -0.5, new_kv=new_kv)
+        assert torch.equal(g.suf_k, f.suf_k) and torch.equal(g.suf_v, f.suf_v), "new token not written"
+        err = rel_err(out, truth)
+        assert err <= limit, f"error {err:.3g} > {limit:.3g}"
+        first = out if first is None else first
+        assert torch.equal(out.view(torch.uint8), first.view(torch.uint8))
 
 
 def test_rerun_identical():

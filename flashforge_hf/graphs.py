@@ -35,6 +35,7 @@ of a new model or batch size (seconds to a minute), and its logits differ from t
 from __future__ import annotations
 
 import warnings
+from contextlib import ExitStack
 
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
@@ -42,6 +43,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import PrefixSharingCache
 from .compat import model_cache_kwarg
+from .projections import fused_qkv
 
 MIN_BUCKET = 256  # columns: the smallest bucket bound
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
@@ -94,6 +96,8 @@ class GraphDecoder:
         self.bound = 0
         self.captures = 0
         self.graph_bytes = 0  # CUDA memory the largest graph's pool held
+        self._held = ExitStack()  # q/k/v projections fused for the decode (see projections.py), undone by close()
+        self.fused_layers = self._held.enter_context(fused_qkv(model))
 
     def _forward(self) -> None:
         """One decode step on the static buffers; advances positions, write column and end on the device."""
@@ -167,16 +171,17 @@ class GraphDecoder:
         """Drop the graph, restore the finished rows' suffix starts and leave static mode; records
         :data:`last_stats`."""
         self.graph = None
+        self._held.close()
         self.cache.suffix_start.copy_(self.start0)
         self.cache.end_static(self.cursor)
         static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.start0))
         last_stats.clear()
         last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, compiled=self.compiled is not None,
-                          captures=self.captures,
+                          captures=self.captures, fused_qkv_layers=self.fused_layers,
                           graph_pool_bytes=self.graph_bytes, static_bytes=static)
 
 
-last_stats: dict = {}  # of the latest decode: rows, graphs, compiled (on/off), captures, graph_pool_bytes, static_bytes
+last_stats: dict = {}  # of the latest decode: rows, graphs, compiled, captures, fused_qkv_layers, graph_pool_bytes, static_bytes
 _fallback_warned: set = set()
 
 

@@ -414,8 +414,9 @@ def instrument():
 def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
     """One decode step of ours on ``wl`` (prefilled with prefill_shared, then model forward steps as generate
     runs them): GPU (CPU off CUDA) time per kernel group from torch.profiler (on CUDA also of the compiled step
-    replayed from a CUDA graph, ``compiled_graph_*``: what ``compile=True`` runs); our host time per layer per step
-    (cache update, planning, attention launches: mean of ``steps`` steps, each followed by a synchronize);
+    replayed from a CUDA graph at the middle of the generation, ``compiled_graph_*``: what ``compile=True`` runs);
+    our host time per layer per step (cache update, planning, attention launches: mean of ``steps`` steps, each
+    followed by a synchronize);
     host syncs in our code (and the file:line each was issued from), cudaMalloc calls and suffix-buffer moves
     during the steps, plans per step."""
     device = model.get_input_embeddings().weight.device
@@ -454,13 +455,14 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
             tok = step(tok)
             sync()
     groups = _kernel_groups(prof, cuda)
-    compiled = _compiled_step_groups(model, ids, steps) if cuda else dict(groups={})
+    compiled = _compiled_step_groups(model, ids, steps, wl.new_tokens) if cuda else dict(groups={})
     per_layer = lambda key: tally[key] / (steps * layers) * 1e6  # noqa: E731
     return dict(workload=wl.name, model=wl.shape, rows=wl.rows, timeline="GPU" if cuda else "CPU",
                 **{f"{g}_ms": v for g, v in groups.items()}, step_ms=sum(groups.values()),
                 **{f"compiled_graph_{g}_ms": v for g, v in compiled["groups"].items()},
                 compiled_graph_step_ms=sum(compiled["groups"].values()) if cuda else None,
-                compiled_graph_replay_ms=compiled.get("replay_ms"), compiled_graph_kernels=compiled.get("kernels"),
+                compiled_graph_replay_ms=compiled.get("replay_ms"), compiled_graph_at_token=compiled.get("at_token"),
+                compiled_graph_kernels=compiled.get("kernels"),
                 host_update_us_per_layer=per_layer("update_s"), host_plan_us_per_layer=per_layer("plan_s"),
                 host_attention_us_per_layer=per_layer("attention_s") - per_layer("plan_s"),
                 host_us_per_layer=per_layer("update_s") + per_layer("attention_s"),
@@ -480,18 +482,21 @@ def _kernel_groups(prof, cuda: bool, steps: int = 1) -> dict:
     return groups
 
 
-def _compiled_step_groups(model, ids, steps: int) -> dict:
+def _compiled_step_groups(model, ids, steps: int, new_tokens: int) -> dict:
     """Kernel groups of one compiled decode step replayed from a CUDA graph (graphs.GraphDecoder with compile),
-    the mean of ``steps`` replays (``rest`` includes the argmax between steps); ``replay`` is the wall time of one
-    replay back to back with the next (CUDA events; the gaps between the graph's kernels included), ``kernels``
-    the graph's 12 costliest kernels (ms and launches per step, name cut to 60 characters)."""
+    taken at the middle of a generation of ``new_tokens`` (the suffixes as long as at the median step that TPOT
+    reports), the mean of ``steps`` replays (``rest`` includes the argmax between steps); ``replay`` is the wall
+    time of one replay back to back with the next (CUDA events; the gaps between the graph's kernels included),
+    ``kernels`` the graph's 12 costliest kernels (ms and launches per step, name cut to 60 characters),
+    ``at_token`` the new token the profiled steps produce."""
     R, L = ids.shape
-    cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=2 * steps + 4)
+    mid = max(2, new_tokens // 2)
+    cache, _ = flashforge_hf.prefill_shared(model, ids, torch.ones_like(ids), max_new_tokens=mid + 2 * steps + 2)
     runner = graphs.GraphDecoder(model, cache, torch.full((R,), L - 1, device=ids.device), use_graph=True,
                                  compile=True)
     try:
         tok = ids[:, -1]
-        for _ in range(2):  # the bucket's eager step (and compilation), then its capture
+        for _ in range(mid):  # the bucket's eager step (and compilation), its capture, replays up to the middle
             tok = runner.step(tok).argmax(-1)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -510,7 +515,7 @@ def _compiled_step_groups(model, ids, steps: int) -> dict:
                       for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda k: -k[1])[:12]
     return dict(groups=_kernel_groups(prof, True, steps), replay_ms=start.elapsed_time(end) / steps,
-                kernels=[dict(name=n, ms=round(ms, 4), per_step=c) for n, ms, c in kernels])
+                kernels=[dict(name=n, ms=round(ms, 4), per_step=c) for n, ms, c in kernels], at_token=mid + 1)
 
 
 # ---- results -----------------------------------------------------------------------------------------------------

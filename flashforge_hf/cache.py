@@ -27,8 +27,9 @@ per forward pass to every other device a layer runs on, where they are reused by
 Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_static` fixes the suffix buffers
 (no growth) and makes each forward pass write its one new token per row at column ``end - 1`` and attend up to
 ``end`` (int32 [1], device; the suffix kernel itself writes the token, see forest_attention's ``new_kv``); the
-caller advances ``end`` on the device after each step, and picks the plan with :meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one
-captured CUDA graph replays every step of a bucket.
+caller advances ``end`` on the device after each step, and picks the plan with
+:meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one captured CUDA
+graph replays every step of a bucket.
 """
 
 from __future__ import annotations

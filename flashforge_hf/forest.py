@@ -53,8 +53,8 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
     q: [R, Hq, Q, D] model dtype (any strides, last dim contiguous); seg_k/seg_v: [Hkv, T, D] packed shared
     segments (T may be 0); suf_k/suf_v: [R, Hkv, C, D] suffix buffers. Returns out [R, Q, Hq, D] in q's dtype
     (the layout transformers' attention functions return). Log-sum-exps are natural-log, float32.
-    ``new_kv``: decoding one token per row (Q = 1), its (keys, values) [R, Hkv, 1, D], stored at column
-    ``end - 1`` of the suffix buffers before they are read (on CUDA by the suffix kernel itself).
+    ``new_kv``: decoding one token per row (Q = 1), its (keys, values) [R, Hkv, 1, D], which become column
+    ``end - 1`` of the suffix buffers (on CUDA the suffix kernel stores them and attends to them itself).
     """
     R, Hq, Q, D = q.shape
     if out is None:

@@ -5,9 +5,9 @@ Eager transformers spends tens of microseconds of Python per layer per decode st
 append, the logits) is captured once and replayed, so its host cost does not grow with the number of layers.
 
 How it stays valid as the suffixes grow. The cache runs in static mode (see cache.py): its suffix buffers are
-allocated for prompt + ``max_new_tokens`` up front and never move; each step writes its token at a device column
-and the suffix kernel reads where the suffixes end from device memory; the positions, the write column and the
-end are advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
+allocated for prompt + ``max_new_tokens`` up front and never move; the suffix kernel reads where the suffixes end
+from device memory and stores each step's token at the last column itself; the positions and the end are
+advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
 blocks) is made for the largest end of a bucket: bucket bounds are powers of two from 256 columns up, capped at
 the capacity, so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
 first step of every bucket runs eagerly with the bucket's plan (it also compiles what the graph needs), and the
@@ -100,7 +100,7 @@ class GraphDecoder:
         self.fused_layers = self._held.enter_context(fused_qkv(model))
 
     def _forward(self) -> None:
-        """One decode step on the static buffers; advances positions, write column and end on the device."""
+        """One decode step on the static buffers; advances the positions and the suffix end on the device."""
         kw = dict(input_ids=self.ids, position_ids=self.pos, use_cache=True, logits_to_keep=1,
                   **{self.kwarg: self.cache})
         if self.compiled is None:

@@ -93,16 +93,14 @@ def fused_qkv(model: nn.Module):
     swapped = []
     try:
         with torch.no_grad():
-            for attn in model.modules():
-                if not _fusable(attn):
-                    continue
+            for attn in [m for m in model.modules() if _fusable(m)]:
                 mods = [getattr(attn, n) for n in _NAMES]
                 weight = _move_into([m.weight for m in mods])
+                swapped.append((attn, mods))  # from here on, the exit undoes this layer (whatever fails next)
                 bias = _move_into([m.bias for m in mods]) if mods[0].bias is not None else None
                 shared = _SharedQKV(weight, bias, [m.out_features for m in mods])
                 for i, (name, m) in enumerate(zip(_NAMES, mods)):
                     setattr(attn, name, _FusedPart(shared, i, m))
-                swapped.append((attn, mods))
         yield len(swapped)
     finally:
         with torch.no_grad():

@@ -569,6 +569,11 @@ def _ratio(rows, workload, base_methods, key, ours=bg.EAGER):
     return min(base) / _num(o, key)
 
 
+# The best stock TPOT (ms) the CUDA-graph issue quotes (H100, transformers 5.17): its "5x better" target refers to
+# these. The same baselines measured in our runs are host-bound and moved up to 2x between runs.
+ISSUE_STOCK_TPOT_MS = {"doc-qa-4k": 50.3, "few-shot-8b": 40.9}
+
+
 def targets(rows: list[dict], profile: dict | None) -> list[str]:
     """The targets of the eager issue (H100, 8B; "ours" = flashforge-eager) and of the CUDA-graph issue
     (flashforge-graph and flashforge-compiled), with measured values; "not run" where data is missing."""
@@ -608,6 +613,8 @@ def targets(rows: list[dict], profile: dict | None) -> list[str]:
                             "<= 1.3", lambda v: v <= 1.3))
             out.append(line(f"{w} TPOT, best stock method / {ours}",
                             _ratio(rows, w, stock + (bg.REUSE,), "tpot_ms", ours), ">= 5", lambda v: v >= 5))
+            out.append(line(f"{w} TPOT, the issue's stock {ISSUE_STOCK_TPOT_MS[w]} ms / {ours}",
+                            g and ISSUE_STOCK_TPOT_MS[w] / _num(g, "tpot_ms"), ">= 5", lambda v: v >= 5))
         g = _find(rows, "batch-1", ours)
         out.append(line("batch-1 TPOT ms", g and _num(g, "tpot_ms"), "<= 8", lambda v: v <= 8))
         out.append(line(f"batch-1 TPOT, stock-compiled / {ours}",

@@ -78,9 +78,7 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
         launch(*tensors)
         return out
     if new_kv is not None:
-        if Q != 1:
-            raise ValueError(f"new_kv is for decoding one token per row, but q has {Q} query tokens per row")
-        suffix_attention.write_new_kv(suf_k, suf_v, new_kv, int(plan.suffix.end))  # host read: non-CUDA devices
+        suffix_attention.write_new_kv(q, suf_k, suf_v, new_kv, int(plan.suffix.end))  # host read: non-CUDA devices
     if _forest_attention_host(q, seg_k, seg_v, suf_k, suf_v, plan, sm_scale, out):
         return out
     o_part, lse_part = plan.partial_buffers(Hq, D, q.device)

@@ -50,8 +50,11 @@ class SuffixTasks(NamedTuple):
     n_splits: int
 
 
-def check_new_kv(suf_k, new_kv) -> None:
-    """Raise ValueError unless ``new_kv`` is (keys, values), each [R, Hkv, 1, D] like ``suf_k``'s rows."""
+def check_new_kv(q, suf_k, new_kv) -> None:
+    """Raise ValueError unless ``q`` has one query token per row and ``new_kv`` is (keys, values), each
+    [R, Hkv, 1, D] like ``suf_k``'s rows."""
+    if q.shape[2] != 1:
+        raise ValueError(f"new_kv is for decoding one token per row, but q has {q.shape[2]} query tokens per row")
     k, v = new_kv
     R, Hkv, _, D = suf_k.shape
     if k.shape != (R, Hkv, 1, D) or v.shape != k.shape or k.dtype != suf_k.dtype or v.dtype != suf_k.dtype:
@@ -59,9 +62,10 @@ def check_new_kv(suf_k, new_kv) -> None:
                          f"got {list(k.shape)} ({k.dtype}) and {list(v.shape)} ({v.dtype}).")
 
 
-def write_new_kv(suf_k, suf_v, new_kv, end: int) -> None:
-    """Store ``new_kv`` at column ``end - 1`` of the suffix buffers (what the kernels do with ``new_kv``)."""
-    check_new_kv(suf_k, new_kv)
+def write_new_kv(q, suf_k, suf_v, new_kv, end: int) -> None:
+    """Store ``new_kv`` at column ``end - 1`` of the suffix buffers (what the kernels do with ``new_kv``), after
+    :func:`check_new_kv`."""
+    check_new_kv(q, suf_k, new_kv)
     suf_k[:, :, end - 1] = new_kv[0][:, :, 0]
     suf_v[:, :, end - 1] = new_kv[1][:, :, 0]
 
@@ -78,7 +82,7 @@ def suffix_attention_reference(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_p
     acc = torch.promote_types(q.dtype, torch.float32)
     end = int(plan.end)  # a host read: the reference is for the CPU path and tests
     if new_kv is not None:
-        write_new_kv(suf_k, suf_v, new_kv, end)
+        write_new_kv(q, suf_k, suf_v, new_kv, end)
     qg = q.to(acc).reshape(R, Hkv, G, Q, D)
     cols = torch.arange(end, device=q.device)
     start = plan.start.long()[:, None, None]
@@ -228,9 +232,7 @@ def bind_suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, 
     if merge and plan.n_splits != 1:
         raise ValueError(f"the suffix kernel merges only with one suffix split, got {plan.n_splits}")
     if new_kv is not None:
-        if Q != 1:
-            raise ValueError(f"new_kv is for decoding one token per row, but q has {Q} query tokens per row")
-        check_new_kv(suf_k, new_kv)
+        check_new_kv(q, suf_k, new_kv)
     bd = block_d(D)
     bm = min(max(16, triton.next_power_of_2(Q * G)), 64 if bd > 128 else 128)
     bn, num_warps, num_stages = tile_config(bm, bd)

@@ -230,17 +230,15 @@ def prompts_per_batch(model, forest, copies: int, max_new_tokens: int, device, f
     suffix = max((len(t) - 1 for t in forest.suffix_tokens), default=0)
     level_tokens = max((sum(len(forest.seg_tokens[s]) for s, lv in enumerate(forest.seg_level) if lv == level)
                         for level in range(forest.num_levels)), default=0)
-    fit, worst = None, None
+    sizes = []  # per device: (prompts that fit, device, shared bytes, bytes per row, free bytes)
     for dev, layers in (layer_devices(model) or {torch.device(device): cfg.num_hidden_layers}).items():
         fixed = kv_per_token * layers * sum(map(len, forest.seg_tokens)) + act_per_token * level_tokens
         per_row = (kv_per_token * layers * (suffix + 1 + max_new_tokens) + act_per_token * suffix
                    + 2 * 4 * cfg.vocab_size)
         free = free_bytes if free_bytes is not None else _free_bytes(dev)
         budget = safety * free - fixed
-        n = int(budget // (per_row * copies)) if budget > 0 else 0
-        if fit is None or n < fit:
-            fit, worst = n, (dev, fixed, per_row, free)
-    device, fixed, per_row, free_bytes = worst
+        sizes.append((int(budget // (per_row * copies)) if budget > 0 else 0, dev, fixed, per_row, free))
+    fit, device, fixed, per_row, free_bytes = min(sizes, key=lambda size: size[0])  # the tightest device
     if fit < 1:
         gib = 2**30
         raise MemoryError(

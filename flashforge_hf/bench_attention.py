@@ -528,9 +528,10 @@ def tune(rep_ms: int = 20, seed: int = 0) -> list[dict]:
             for layer, name in zip(big, shared):
                 bench("segment-shared", name, (bm, bn, warps, stages), layer, seg_kernel)
         planner.MAX_BLOCK_M, segment_attention.tile_config = max_bm, seg_tc
-        for planner.WAVES in (1, 3, 4):
+        for w in (1, 2, 3, 4):
+            planner.WAVES = (w,)
             for layer, name in zip(big, shared):
-                bench("segment-shared", name, f"default, waves={planner.WAVES}", layer, seg_kernel)
+                bench("segment-shared", name, f"default, waves={w}", layer, seg_kernel)
         planner.WAVES = waves
         del big
         small = [make_layer(by_name["distinct 64x1024+64"], gen, "cuda"),

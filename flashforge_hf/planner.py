@@ -9,6 +9,14 @@ Cost model (the paper's workload balancing): a task that applies ``n`` keys to `
                                                               flops = 4 * m * n * D,
 and each segment is split along its length into chunks so that the tasks of all segments together cover
 every SM ``waves`` times with near-equal cost; the chunk boundaries are multiples of the kernel's key tile.
+
+How many waves: more chunks balance the SMs better, but every chunk of every row writes a float32 partial
+(Hq x (D + 1) x 4 bytes per query) that the merge reads back. :func:`plan_segments` plans each of
+:data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
+when every SM holds a single task, plus the partials' bytes written and read) is least. Measured on an H100
+(8B shapes): one wave instead of two saved ~2 us per layer on 64 rows x 4,096 shared keys and on 256 rows x 650
+(8 and 2 partials per row halved), and cost 24 us on 128 rows x 32,768 keys (one task per SM runs compute-bound
+tiles ~15% slower).
 """
 
 from __future__ import annotations
@@ -52,7 +60,8 @@ def _cuda_model(index: int) -> DeviceModel:
 _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
 MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
-WAVES = 2  # segment tasks per SM (over the KV heads) that the chunking aims at
+WAVES = (1, 2)  # segment tasks per SM (over the KV heads) that the chunking may aim at; the cheapest is kept
+SINGLE_TASK_SLOWDOWN = 1.15  # segment work when no SM holds two tasks (H100, 128 rows x 32,768 keys: 24 us of 150)
 
 
 @dataclass
@@ -111,9 +120,9 @@ def plan_segments(
     device_model: DeviceModel | None = None,
 ) -> tuple[SegmentTasks | None, list[int]]:
     """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints).
-    ``waves``: tasks per SM to aim at (default :data:`WAVES`). ``device_model``: the card to plan for (default:
+    ``waves``: tasks per SM to aim at (default: the cheapest of :data:`WAVES`, see the module docstring).
+    ``device_model``: the card to plan for (default:
     ``device``'s own; a GPU model plans GPU tiles and chunks for tensors on any device, which tests use)."""
-    waves = WAVES if waves is None else waves
     R = len(paths)
     rows_of: dict[int, list[int]] = {}
     for r, path in enumerate(paths):
@@ -130,26 +139,42 @@ def plan_segments(
         block_n = segment_attention.tile_config(block_m, block_d(head_dim))[0]
     else:
         block_m, block_n = _pow2_at_least(max(m_of.values()), 1), 64
+    tiles = {s: math.ceil(m_of[s] / block_m) for s in segs}
 
     def cost(n: int, m: int) -> float:
         byts = 2 * n * head_dim * itemsize
         flops = 4 * _pow2_at_least(m, 16) * n * head_dim
         return max(byts / dev.bandwidth, flops / dev.flops) + dev.task_overhead
 
-    # Chunks per segment: aim for `waves` tasks per SM in all (over the KV heads), each of equal cost.
-    target_tasks = max(1, waves * dev.num_sms // num_kv_heads)
-    tiles = {s: math.ceil(m_of[s] / block_m) for s in segs}
-    total = sum(tiles[s] * cost(seg_len[s], block_m) for s in segs)
-    per_task = total / target_tasks
-    chunks, step = {}, {}
-    for s in segs:
-        n = seg_len[s]
-        want = 1
-        if on_gpu and per_task > 0:
-            want = min(max(1, round(cost(n, block_m) / per_task)), math.ceil(n / block_n))
-        # Whole key tiles per chunk; rounding up to tiles can leave fewer (never empty) chunks than wanted.
-        step[s] = math.ceil(math.ceil(n / want) / min(block_n, n)) * min(block_n, n)
-        chunks[s] = math.ceil(n / step[s])
+    def chunking(w: int) -> tuple[dict, dict]:
+        """(chunks, keys per chunk) of every segment for ``w`` tasks per SM, each of equal cost."""
+        target_tasks = max(1, w * dev.num_sms // num_kv_heads)
+        per_task = sum(tiles[s] * cost(seg_len[s], block_m) for s in segs) / target_tasks
+        chunks, step = {}, {}
+        for s in segs:
+            n = seg_len[s]
+            want = 1
+            if on_gpu and per_task > 0:
+                want = min(max(1, round(cost(n, block_m) / per_task)), math.ceil(n / block_n))
+            # Whole key tiles per chunk; rounding up to tiles can leave fewer (never empty) chunks than wanted.
+            step[s] = math.ceil(math.ceil(n / want) / min(block_n, n)) * min(block_n, n)
+            chunks[s] = math.ceil(n / step[s])
+        return chunks, step
+
+    def estimate(chunks: dict) -> float:
+        """Seconds of the segment pass (its K/V read once, its tiles' FLOPs, a fixed cost per task spread over
+        the SMs; slower when no SM holds two tasks) and of its partials' round trip."""
+        programs = num_kv_heads * sum(tiles[s] * chunks[s] for s in segs)
+        byts = num_kv_heads * sum(2 * seg_len[s] * head_dim * itemsize for s in segs)
+        flops = num_kv_heads * sum(4 * tiles[s] * block_m * seg_len[s] * head_dim for s in segs)
+        work = max(byts / dev.bandwidth, flops / dev.flops) + programs * dev.task_overhead / dev.num_sms
+        if programs <= dev.num_sms:
+            work *= SINGLE_TASK_SLOWDOWN
+        partials = sum(chunks[s] * m_of[s] for s in segs) * num_kv_heads * (head_dim + 1) * 4 * 2
+        return work + partials / dev.bandwidth
+
+    options = [chunking(w) for w in ((WAVES if waves is None else (waves,)) if on_gpu else (1,))]
+    chunks, step = min(options, key=lambda o: estimate(o[0]))
 
     # Partial slots: per row, its path's segment chunks in path order.
     row_slot_off = [0]

@@ -15,8 +15,9 @@ How many waves: more chunks balance the SMs better, but every chunk of every row
 :data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
 when every SM holds a single task, plus the partials' bytes written and read) is least. Measured on an H100
 (8B shapes): one wave instead of two saved ~2 us per layer on 64 rows x 4,096 shared keys and on 256 rows x 650
-(8 and 2 partials per row halved), and cost 24 us on 128 rows x 32,768 keys (one task per SM runs compute-bound
-tiles ~15% slower).
+(8 and 2 partials per row halved), and cost 4-6 us on 64 x 16,384, 128 x 8,192 and 256 x 4,096 and 24 us on
+128 x 32,768 (one task per SM runs compute-bound tiles ~20% slower): the estimate picks the faster one in all
+13 cases of benchmarks/results/planner_waves_h100.md.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class DeviceModel:
 
     num_sms: int
     bandwidth: float  # bytes/s
-    flops: float  # FLOP/s of tensor-core matmul in the model dtype
+    flops: float  # FLOP/s that the segment kernel reaches on compute-bound tiles, in the model dtype
     task_overhead: float = 2e-6  # s: fixed cost of one task (prologue, merge share)
 
     @staticmethod
@@ -52,16 +53,17 @@ class DeviceModel:
 @functools.lru_cache(maxsize=None)
 def _cuda_model(index: int) -> DeviceModel:
     props = torch.cuda.get_device_properties(index)
-    # Roofline numbers measured on an H100 (3.0 TB/s copy, ~740 TFLOP/s bf16); other cards scale by SM count.
+    # Measured on an H100: 3.0 TB/s copy; ~450 TFLOP/s bf16 in the segment kernel's compute-bound tiles (a GEMM
+    # reaches ~740). Other cards scale by SM count.
     return DeviceModel(num_sms=props.multi_processor_count, bandwidth=3.0e12 * props.multi_processor_count / 132,
-                       flops=7.4e14 * props.multi_processor_count / 132)
+                       flops=4.5e14 * props.multi_processor_count / 132)
 
 
 _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
 MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
 WAVES = (1, 2)  # segment tasks per SM (over the KV heads) that the chunking may aim at; the cheapest is kept
-SINGLE_TASK_SLOWDOWN = 1.15  # segment work when no SM holds two tasks (H100, 128 rows x 32,768 keys: 24 us of 150)
+SINGLE_TASK_SLOWDOWN = 1.2  # segment work when no SM holds two tasks (H100: 16% on 128 rows x 32,768 keys, ~20% on 64 x 16,384)
 
 
 @dataclass

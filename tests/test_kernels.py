@@ -138,7 +138,7 @@ def planner_plan(f: Forest, device="cpu"):
     return plan.segments, plan.suffix, plan.row_slot_off, plan.n_slots
 
 
-H100 = DeviceModel(num_sms=132, bandwidth=3.0e12, flops=7.4e14)
+H100 = DeviceModel(num_sms=132, bandwidth=3.0e12, flops=4.5e14)
 
 
 def gpu_plan(f: Forest, device="cpu"):

@@ -43,7 +43,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import PrefixSharingCache
 from .compat import model_cache_kwarg
-from .projections import fused_projections
+from .projections import fused_qkv
 
 MIN_BUCKET = 256  # columns: the smallest bucket bound
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
@@ -96,8 +96,8 @@ class GraphDecoder:
         self.bound = 0
         self.captures = 0
         self.graph_bytes = 0  # CUDA memory the largest graph's pool held
-        self._held = ExitStack()  # q/k/v and gate/up projections fused for the decode (see projections.py), undone by close()
-        self.fused = self._held.enter_context(fused_projections(model))
+        self._held = ExitStack()  # q/k/v projections fused for the decode (see projections.py), undone by close()
+        self.fused_layers = self._held.enter_context(fused_qkv(model))
 
     def _forward(self) -> None:
         """One decode step on the static buffers; advances the positions and the suffix end on the device."""
@@ -177,11 +177,11 @@ class GraphDecoder:
         static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.start0))
         last_stats.clear()
         last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, compiled=self.compiled is not None,
-                          captures=self.captures, fused_projections=self.fused,
+                          captures=self.captures, fused_qkv_layers=self.fused_layers,
                           graph_pool_bytes=self.graph_bytes, static_bytes=static)
 
 
-last_stats: dict = {}  # of the latest decode: rows, graphs, compiled, captures, fused_projections, graph_pool_bytes, static_bytes
+last_stats: dict = {}  # of the latest decode: rows, graphs, compiled, captures, fused_qkv_layers, graph_pool_bytes, static_bytes
 _fallback_warned: set = set()
 
 

@@ -1,23 +1,20 @@
-"""One GEMM for sibling projections that read the same input, while the static decode loop runs: an attention
-layer's query, key and value projections, and an MLP's gate and up projections.
+"""One GEMM for each attention layer's query, key and value projections while the static decode loop runs.
 
-Decoding reads every weight once per step, so each GEMM is memory-bound, and every GEMM launch pays a ramp-up and
-a tail in which the card streams below its bandwidth. The key and value projections of a GQA model are small
-(1,024 x 4,096 each on Llama-3-8B) and alone run far below it (measured on an H100 at 64 rows: 6.2 us each for
-8.4 MB, about 45% of it; plus a split-K reduction); fused with the query projection into one [q + k + v, hidden]
-GEMM they stream at the big GEMMs' rate. The gate and up projections (14,336 x 4,096 each) fused into one GEMM
-took 89.6 us instead of 2 x 45.9 us (H100, 64 rows, weights rotated past L2).
+Decoding reads every weight once per step, so each GEMM is memory-bound; the key and value projections of a GQA
+model are small (1,024 x 4,096 each on Llama-3-8B), and alone they run far below the card's bandwidth (measured
+on an H100 at 64 rows: 6.2 us each for 8.4 MB, about 45% of it; plus a split-K reduction). Fused with the query
+projection into one [q + k + v, hidden] GEMM they stream at the big GEMMs' rate.
 
-:func:`fused_projections` does this in place for the duration of a ``with`` block (graphs.GraphDecoder holds it
-for its decode): a group's weights (and biases) move into one buffer, of which the modules' parameters become views
-(no extra memory once the old storages are freed; one layer's worth while moving), and the group's ``nn.Linear``
-modules are swapped for projections that share one GEMM per input: whichever of them is called first on an input
-tensor computes them all, the others return their slice. On exit the parameters get storages of their own again
-(so ``save_pretrained`` and training see the model as before) and the modules come back.
+:func:`fused_qkv` does this in place for the duration of a ``with`` block (graphs.GraphDecoder holds it for its
+decode): the three weights (and biases) move into one buffer, of which the modules' parameters become views (no
+extra memory once the old storages are freed; one layer's worth while moving), and the three ``nn.Linear``
+modules are swapped for projections that share one GEMM per input: whichever of q/k/v is called first on a
+hidden-states tensor computes all three, the others return their slice. On exit the parameters get storages of
+their own again (so ``save_pretrained`` and training see the model as before) and the modules come back.
 
-It applies to a module whose projections of a group (:data:`GROUPS`) are all plain ``nn.Linear`` (not a
+It applies to an attention module whose ``q_proj``, ``k_proj`` and ``v_proj`` are plain ``nn.Linear`` (not a
 subclass: quantized layers are left alone) without hooks (tensor parallel and accelerate's offloading register
-some), with the same input size, dtype and device, and biases on all or none; other modules keep their
+some), with the same input size, dtype and device, and biases on all three or none; other layers keep their
 projections. Results equal the separate projections' up to the GEMM's rounding.
 """
 
@@ -29,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Groups of sibling projections called on the same input, by their attribute names on the parent module.
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+_NAMES = ("q_proj", "k_proj", "v_proj")
 
 
-class _SharedGEMM:
-    """The fused weight and bias of one group of projections, and the last input's outputs."""
+class _SharedQKV:
+    """The fused weight and bias of one attention layer, and the last input's three outputs."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]):
         self.weight, self.bias, self.sizes = weight, bias, sizes
@@ -43,20 +39,20 @@ class _SharedGEMM:
         self.left = 0
 
     def project(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        if self.input is None or x is not self.input:  # the first of the group on this input: one GEMM for all
+        if self.input is None or x is not self.input:  # the first of q/k/v on this input: one GEMM for all three
             self.outputs = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
             self.input, self.left = x, len(self.sizes)
         out = self.outputs[part]
         self.left -= 1
-        if self.left == 0:  # all handed out
+        if self.left == 0:  # all three handed out
             self.input, self.outputs = None, ()
         return out
 
 
 class _FusedPart(nn.Module):
-    """Stands in for one projection of a group: its slice of the shared GEMM."""
+    """Stands in for one of q_proj/k_proj/v_proj: its slice of the shared GEMM."""
 
-    def __init__(self, shared: _SharedGEMM, part: int, original: nn.Linear):
+    def __init__(self, shared: _SharedQKV, part: int, original: nn.Linear):
         super().__init__()
         self.shared, self.part = shared, part
         self.in_features, self.out_features = original.in_features, original.out_features
@@ -66,8 +62,8 @@ class _FusedPart(nn.Module):
         return self.shared.project(x, self.part)
 
 
-def _fusable(parent: nn.Module, names: tuple) -> bool:
-    mods = [getattr(parent, n, None) for n in names]
+def _fusable(attn: nn.Module) -> bool:
+    mods = [getattr(attn, n, None) for n in _NAMES]
     if not all(type(m) is nn.Linear for m in mods):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in mods):  # accelerate's too
@@ -91,30 +87,26 @@ def _move_into(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 @contextmanager
-def fused_projections(model: nn.Module):
-    """Within the block, every group of projections in ``model`` that qualifies (see the module docstring) runs as
-    one GEMM; yields how many were fused per group, e.g. ``{"qkv": 32, "gate_up": 32}``."""
+def fused_qkv(model: nn.Module):
+    """Within the block, every attention layer of ``model`` that qualifies (see the module docstring) computes
+    q, k and v with one GEMM; yields the number of layers fused."""
     swapped = []
-    counts = dict.fromkeys(GROUPS, 0)
     try:
         with torch.no_grad():
-            todo = [(parent, group, names) for group, names in GROUPS.items()
-                    for parent in model.modules() if _fusable(parent, names)]
-            for parent, group, names in todo:
-                mods = [getattr(parent, n) for n in names]
+            for attn in [m for m in model.modules() if _fusable(m)]:
+                mods = [getattr(attn, n) for n in _NAMES]
                 weight = _move_into([m.weight for m in mods])
-                swapped.append((parent, names, mods))  # from here on, the exit undoes this group (whatever fails next)
+                swapped.append((attn, mods))  # from here on, the exit undoes this layer (whatever fails next)
                 bias = _move_into([m.bias for m in mods]) if mods[0].bias is not None else None
-                shared = _SharedGEMM(weight, bias, [m.out_features for m in mods])
-                for i, (name, m) in enumerate(zip(names, mods)):
-                    setattr(parent, name, _FusedPart(shared, i, m))
-                counts[group] += 1
-        yield counts
+                shared = _SharedQKV(weight, bias, [m.out_features for m in mods])
+                for i, (name, m) in enumerate(zip(_NAMES, mods)):
+                    setattr(attn, name, _FusedPart(shared, i, m))
+        yield len(swapped)
     finally:
         with torch.no_grad():
-            for parent, names, mods in swapped:
-                for name, m in zip(names, mods):
-                    setattr(parent, name, m)
+            for attn, mods in swapped:
+                for name, m in zip(_NAMES, mods):
+                    setattr(attn, name, m)
                     m.weight.data = m.weight.data.clone()  # a storage of its own again
                     if m.bias is not None:
                         m.bias.data = m.bias.data.clone()

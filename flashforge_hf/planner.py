@@ -13,11 +13,12 @@ every SM ``waves`` times with near-equal cost; the chunk boundaries are multiple
 How many waves: more chunks balance the SMs better, but every chunk of every row writes a float32 partial
 (Hq x (D + 1) x 4 bytes per query) that the merge reads back. :func:`plan_segments` plans each of
 :data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
-when every SM holds a single task, plus the partials' bytes written and read) is least. Measured on an H100
+when no SM holds two tasks, plus the partials' bytes written and read) is least. Measured on an H100
 (8B shapes): one wave instead of two saved ~2 us per layer on 64 rows x 4,096 shared keys and on 256 rows x 650
 (8 and 2 partials per row halved), and cost 4-6 us on 64 x 16,384, 128 x 8,192 and 256 x 4,096 and 24 us on
-128 x 32,768 (one task per SM runs compute-bound tiles ~20% slower): the estimate picks the faster one in all
-13 cases of benchmarks/results/planner_waves_h100.md.
+128 x 32,768 (one task per SM runs compute-bound tiles ~20% slower). Calibrated on those measurements
+(benchmarks/results/planner_waves_h100_f10a79c.md), the estimate picks the faster one in every case measured
+(benchmarks/results/planner_waves_h100.md).
 """
 
 from __future__ import annotations

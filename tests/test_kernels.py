@@ -410,6 +410,19 @@ def test_gpu_plans_write_every_partial_slot(rows, q_len):
                 assert sorted(written) == want, (rows, q_len, hkv, n, G)
 
 
+@pytest.mark.parametrize("rows, n, chunks", [(64, 4096, 4), (256, 650, 1), (32, 4096, 8), (64, 16384, 8),
+                                              (128, 32768, 4), (256, 4096, 2)])
+def test_planner_picks_the_waves_measured_faster(rows, n, chunks):
+    """H100 plans of one shared segment (8 KV heads, G=4, one query token per row): one wave where the partials'
+    round trip outweighs the balance (document QA, few-shot), two where the segment work is compute-bound; each
+    as measured faster (benchmarks/results/planner_waves_h100*.md)."""
+    seg, off = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), device_model=H100)
+    assert off[1] == chunks
+    one, _ = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), waves=1, device_model=H100)
+    two, _ = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), waves=2, device_model=H100)
+    assert seg.host in (one.host, two.host)
+
+
 def test_long_segment_with_gpu_chunking():
     """A 4,096-token segment split the way an H100 plan splits it (8 KV heads: 33 chunks wanted, 32 whole
     ones), through the kernels in the interpreter."""

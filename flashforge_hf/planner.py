@@ -64,7 +64,8 @@ _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
 MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
 WAVES = (1, 2)  # segment tasks per SM (over the KV heads) that the chunking may aim at; the cheapest is kept
-SINGLE_TASK_SLOWDOWN = 1.2  # segment work when no SM holds two tasks (H100: 16% on 128 rows x 32,768 keys, ~20% on 64 x 16,384)
+# Segment work when no SM holds two tasks (H100: 16% slower on 128 rows x 32,768 keys, ~20% on 64 x 16,384).
+SINGLE_TASK_SLOWDOWN = 1.2
 
 
 @dataclass

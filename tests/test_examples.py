@@ -85,8 +85,8 @@ def test_tool_use(tiny_model):
 
 @needs_data
 def test_agreement_benchmark(tiny_model, tmp_path):
-    """benchmarks/agreement.py on a tiny model (CPU, bf16): every share in [0, 1], stock agrees with itself,
-    logit errors finite and positive (bf16 against fp32)."""
+    """benchmarks/agreement.py on a tiny model (CPU, bf16): every method reported, every share in [0, 1], logit
+    errors in (0, 1) (bf16 against fp32)."""
     import json
 
     out = tmp_path / "agreement.json"

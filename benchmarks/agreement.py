@@ -22,17 +22,18 @@ from flashforge_hf import bench_e2e as be, bench_generate as bg
 from flashforge_hf.bench_attention import _git_commit
 from flashforge_hf.models import encode, load_model, load_tokenizer, resolve_device, smollm2_path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the GSM8K example's prompts and loader
+from common import load_records  # noqa: E402
+from fewshot_gsm8k import gsm8k_prompts  # noqa: E402
+
 N = be.FORCED  # 16 tokens
-
-
-def records(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="local model folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--data", required=True, help="GSM8K test .jsonl (question/answer)")
+    ap.add_argument("--data", required=True,
+                    help="GSM8K test set: a local .jsonl (question/answer) or a Hub name (needs `datasets`)")
     ap.add_argument("--exemplars", required=True, help="few-shot exemplars .jsonl (question/answer)")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--device", default="auto")
@@ -43,8 +44,7 @@ def main() -> int:
     device = resolve_device(args.device)
     path = args.model or smollm2_path()
     model, tokenizer = load_model(path, device, torch.bfloat16), load_tokenizer(path)
-    prefix = "".join(f"Q: {e['question']}\nA: {e['answer']}\n\n" for e in records(args.exemplars))
-    prompts = [f"{prefix}Q: {q['question']}\nA:" for q in records(args.data)[: args.limit]]
+    prompts = gsm8k_prompts(load_records(args.data, hub_config="main")[: args.limit], args.exemplars)
     ids, mask = encode(tokenizer, prompts, device)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
     cuda = device.type == "cuda"

@@ -20,6 +20,13 @@ from flashforge_hf import cli
 from flashforge_hf.demo_prompts import extract_answer
 
 
+def gsm8k_prompts(questions: list[dict], exemplars: str) -> list[str]:
+    """One prompt per question record: the exemplars (a local .jsonl of question/answer) as "Q: ...\nA: ..." blocks,
+    then "Q: {question}\nA:"."""
+    prefix = "".join(f"Q: {e['question']}\nA: {e['answer']}\n\n" for e in read_records(Path(exemplars)))
+    return [f"{prefix}Q: {q['question']}\nA:" for q in questions]
+
+
 def gold_answer(answer: str) -> str:
     """The reference number: what follows "####", commas removed."""
     return answer.split("####")[-1].strip().replace(",", "")
@@ -46,9 +53,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     questions = load_records(args.data, hub_config="main")[: args.limit]
-    prefix = "".join(f"Q: {e['question']}\nA: {e['answer']}\n\n" for e in read_records(Path(args.exemplars)))
+    prompts = gsm8k_prompts(questions, args.exemplars)
     model, tokenizer = cli.load(args)
-    prompts = [f"{prefix}Q: {q['question']}\nA:" for q in questions]
     golds = [gold_answer(q["answer"]) for q in questions]
     evaluate_few_shot(args, model, tokenizer, prompts, golds, is_correct, "GSM8K 8-shot CoT")
     return 0

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import flashforge_hf
 from flashforge_hf import bench_e2e as be, bench_generate as bg
@@ -25,24 +25,23 @@ from flashforge_hf.bench_attention import _git_commit, card_name
 TRACED = 6  # decode steps in the kernel trace
 
 
-class _Probe(LogitsProcessor):
-    """Per decode step: a CUDA event (GPU timeline), every 16 steps the SM clock (MHz) and power (W); starts and
-    stops ``prof`` around steps [lo, lo + TRACED)."""
+class _Probe(bg._StepClock):
+    """The step clock of bench_generate (a CUDA event per decode step), plus every 16 steps the SM clock (MHz)
+    and power (W); starts and stops ``prof`` around steps [lo, lo + TRACED)."""
 
     def __init__(self, prof, lo):
-        self.n, self.events, self.clocks, self.prof, self.lo = 0, [], [], prof, lo
+        super().__init__(torch.device("cuda"))
+        self.clocks, self.prof, self.lo = [], prof, lo
 
     def __call__(self, input_ids, scores):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self.events.append(event)
-        if self.n % 16 == 0:
-            self.clocks.append((self.n, torch.cuda.clock_rate(), round(torch.cuda.power_draw() / 1000)))
-        if self.n == self.lo:
+        n = len(self.marks)
+        super().__call__(input_ids, scores)
+        if n % 16 == 0:
+            self.clocks.append((n, torch.cuda.clock_rate(), round(torch.cuda.power_draw() / 1000)))
+        if n == self.lo:
             self.prof.start()
-        if self.n == self.lo + TRACED:
+        if n == self.lo + TRACED:
             self.prof.stop()
-        self.n += 1
         return scores
 
 
@@ -56,7 +55,7 @@ def trace(model, wl, min_new: bool) -> dict:
     flashforge_hf.generate(model, ids, mask, compile=True, progress=False,
                            logits_processor=LogitsProcessorList([probe]), **kw)
     torch.cuda.synchronize()
-    steps = [a.elapsed_time(b) for a, b in zip(probe.events, probe.events[1:])]
+    steps = [a.elapsed_time(b) for a, b in zip(probe.marks, probe.marks[1:])]
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
     span = (kernels[-1].time_range.end - kernels[0].time_range.start) / 1e3 / TRACED

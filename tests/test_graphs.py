@@ -8,7 +8,8 @@ graph replay against these eager static steps on CUDA.
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsProcessor,
+                          MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper)
 
 import flashforge_hf
 from flashforge_hf import graphs
@@ -59,6 +60,44 @@ def test_seeded_sampling_with_processors_equals_eager_loop(model):
     eager, _ = _generate(model, ids, mask, False, seed=5, copies=3, **kw)
     ours, _ = _generate(model, ids, mask, True, seed=5, copies=3, **kw)
     assert ours.shape[0] == 3 * ids.shape[0] and torch.equal(eager, ours)
+
+
+@pytest.mark.parametrize("eos", [5, [7, -1, 3], [2, 10**6]], ids=["one", "with_negative", "out_of_vocab"])
+def test_eos_floor_equals_transformers_min_length_processors(eos):
+    """The in-place replacements give transformers' scores below, at and past the minimum length, and touch
+    nothing else; other processors, subclasses of those two included, pass through unchanged."""
+    class Sub(MinLengthLogitsProcessor):
+        pass
+
+    others = [TemperatureLogitsWarper(0.7), Sub(3, [1])]
+    procs = [MinLengthLogitsProcessor(6, eos), MinNewTokensLengthLogitsProcessor(4, 3, eos), *others]
+    lean = graphs.lean_processors(procs, 50, "cpu")
+    assert [type(p) for p in lean[:2]] == [graphs.EosFloor, graphs.EosFloor] and list(lean[2:]) == others
+    gen = torch.Generator().manual_seed(0)
+    for length in range(3, 10):
+        ids = torch.zeros(4, length, dtype=torch.long)
+        for theirs, ours in zip(procs[:2], lean[:2]):
+            scores = torch.randn(4, 50, generator=gen)
+            want = theirs(ids, scores.clone())
+            got = ours(ids, scores)
+            assert got is scores and torch.equal(got, want), (length, type(theirs).__name__)
+
+
+def test_min_new_tokens_hold_eos_back_as_in_eager_loop(model):
+    """min_new_tokens (through the in-place processor) against transformers' loop, with EOS made the likeliest
+    token so that the minimum decides where rows stop."""
+    ids, mask = tree_batch(seed=10)
+    eos = model.generation_config.eos_token_id
+
+    class EosFirst(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores + torch.nn.functional.one_hot(torch.tensor(eos), scores.shape[-1]) * 1e4
+
+    outs = [_generate(model, ids, mask, ours, max_new_tokens=9, min_new_tokens=5, do_sample=False,
+                      logits_processor=LogitsProcessorList([EosFirst()]))[0] for ours in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    assert outs[1].shape[1] == ids.shape[1] + 6  # EOS is held back for 5 tokens, then every row emits it
+    assert (outs[1][:, ids.shape[1] + 5] == eos).all() and (outs[1][:, ids.shape[1]:ids.shape[1] + 5] != eos).all()
 
 
 class ForceEos(LogitsProcessor):

@@ -85,8 +85,8 @@ def test_tool_use(tiny_model):
 
 @needs_data
 def test_agreement_benchmark(tiny_model, tmp_path):
-    """benchmarks/agreement.py on a tiny model (CPU, bf16): every method reported, every share in [0, 1], logit
-    errors in (0, 1) (bf16 against fp32)."""
+    """benchmarks/agreement.py on a tiny model (CPU, bf16): every method reported, every share in [0, 1], stock
+    in one batch of 8 equal to stock (tokens aligned), logit errors in (0, 1) (bf16 against fp32)."""
     import json
 
     out = tmp_path / "agreement.json"
@@ -98,7 +98,9 @@ def test_agreement_benchmark(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
     assert r["rows"] == 2 and r["tokens"] == 16
-    assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge"}
+    assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge",
+                                                     "stock (sdpa), batches of 8", "stock (sdpa), one prompt at a time"}
+    assert r["greedy_agreement_with_stock"]["stock (sdpa), batches of 8"] == 1.0  # 2 rows: the same single batch
     assert set(r["greedy_agreement_with_fp32"]) == {"stock (sdpa)", "stock (eager attention)", "flashforge"}
     shares = [*r["greedy_agreement_with_stock"].values(), *r["greedy_agreement_with_fp32"].values(),
               *r["top1_equal_to_fp32"].values()]

@@ -17,9 +17,9 @@ identical results.
 :func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
 multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as
 transformers pads them; its two minimum-length processors, which copy the whole float32 logits every step, run
-in place instead, see :class:`EosFloor`). It never waits for the GPU inside the loop: whether every row has finished is copied to
-pinned host memory asynchronously and read once the GPU got there (the host runs at most :data:`LAG` steps
-ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Under tensor parallel
+in place instead, see :class:`EosFloor`). It never waits for the GPU inside the loop: whether every row has
+finished is copied to pinned host memory asynchronously and read once the GPU got there (the host runs at most
+:data:`LAG` steps ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Under tensor parallel
 (several processes) each step holds collectives, so every rank must run the same steps: the flags are then read
 exactly LAG steps late, after waiting for that step, on every rank alike. Rows that have finished stop costing
 suffix-attention work (their suffix start moves past the end; the shared segments are read once for all rows

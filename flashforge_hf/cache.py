@@ -41,7 +41,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .forest import forest_attention
-from .planner import ForestPlan, make_plan, plan_forward, segment_part
+from .planner import ForestPlan, make_plan, plan_forward, plan_suffix_splits, segment_part
 from .prefix_tree import Forest
 
 ATTN_IMPLEMENTATION = "flashforge"
@@ -438,6 +438,12 @@ class PrefixSharingCache(Cache):
         if bound > self.capacity:
             raise ValueError(f"Static bound {bound} exceeds the suffix capacity {self.capacity}.")
         self._static_bound = bound
+
+    def static_plan_key(self, bound: int) -> tuple[int, int]:
+        """What the plan of the static forwards up to ``bound`` depends on besides the forest, which stays: the
+        suffix splits. Bounds with equal keys get equal plans (same tables, buffers and launch arguments), so a
+        CUDA graph captured under one stays valid under the other."""
+        return plan_suffix_splits(self.num_rows, self.layers[0].seg_k.shape[0], bound, 1, self.device)
 
     def advance_static(self) -> None:
         """After a static forward: the next one writes the next column and attends one column further (``end`` is

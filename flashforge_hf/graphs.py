@@ -10,9 +10,11 @@ from device memory and stores each step's token at the last column itself; the p
 advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
 blocks) is made for the largest end of a bucket: bucket bounds are powers of two from 256 columns up, capped at
 the capacity, so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
-first step of every bucket runs eagerly with the bucket's plan (it also compiles what the graph needs), and the
-graph is captured right after it; graph and eager steps run the same kernels with the same plan, so they give
-identical results.
+first step of a bucket whose plan differs from the previous one's runs eagerly with the new plan (it also
+compiles what the graph needs), and the graph is captured right after it; where the plan stays the same (no
+suffix splits: batches that fill the card, e.g. 17 rows or more of Llama-3-8B on an H100) the graph goes on
+across the bucket. Graph and eager steps run the same kernels with the same plan, so they give identical
+results.
 
 :func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
 multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as
@@ -125,13 +127,18 @@ class GraphDecoder:
         self.ids.copy_(tokens.reshape(-1, 1))
         bound = bucket_bound(self.cursor + 1, self.cache.capacity)
         if bound != self.bound:  # a new bucket: one eager step with its plan, then (CUDA) capture the rest
+            key = self.cache.static_plan_key
+            same_plan = self.graph is not None and key(bound) == key(self.bound)
             self.bound = bound
-            self.graph = None
             self.cache.set_static_bound(bound)
-            if self.use_graph:
-                self._eager_then_capture()
+            if same_plan:  # the graph's plan is this bucket's too: it goes on
+                self.graph.replay()
             else:
-                self._forward()
+                self.graph = None
+                if self.use_graph:
+                    self._eager_then_capture()
+                else:
+                    self._forward()
         elif self.graph is not None:
             self.graph.replay()
         else:

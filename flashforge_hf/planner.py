@@ -223,16 +223,24 @@ def plan_segments(
     return seg_tasks, row_slot_off
 
 
-def plan_suffix_splits(num_rows: int, num_kv_heads: int, end: int, q_len: int, device: torch.device) -> tuple[int, int]:
-    """(split_len, n_splits) for the suffix pass: split long suffixes so that small batches still fill the card."""
-    if device.type != "cuda" or end == 0:
-        return max(end, 1), 1
-    dev = DeviceModel.for_device(device)
+ONE_SPLIT = 1 << 30  # split_len of a suffix pass without splits: it covers any end (see plan_suffix_splits)
+
+
+def plan_suffix_splits(num_rows: int, num_kv_heads: int, end: int, q_len: int, device: torch.device,
+                       device_model: DeviceModel | None = None) -> tuple[int, int]:
+    """(split_len, n_splits) for the suffix pass: split long suffixes so that small batches still fill the card.
+    Without splits the answer is (:data:`ONE_SPLIT`, 1) whatever ``end`` is, so that plans made for different ends
+    are equal (a CUDA graph captured with one replays correctly for every end up to the others' bounds).
+    ``device_model``: the card to plan for (default: ``device``'s own, none off CUDA)."""
+    if (device.type != "cuda" and device_model is None) or end == 0:
+        return ONE_SPLIT, 1
+    dev = device_model or DeviceModel.for_device(device)
     q_tiles = math.ceil(q_len * 8 / 64)  # rough query tiles per (row, kv head)
     programs = num_rows * num_kv_heads * q_tiles
     want = max(1, (2 * dev.num_sms) // max(programs, 1))
     split_len = max(256, math.ceil(end / want / 64) * 64)
-    return split_len, math.ceil(end / split_len)
+    n_splits = math.ceil(end / split_len)
+    return (split_len, n_splits) if n_splits > 1 else (ONE_SPLIT, 1)
 
 
 def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device):

@@ -21,7 +21,7 @@ from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attent
 from flashforge_hf.kernels.suffix_attention import (SuffixTasks, suffix_attention, suffix_attention_merged,
                                                     suffix_attention_merged_reference, suffix_attention_reference)
 from flashforge_hf.forest import forest_attention
-from flashforge_hf.planner import DeviceModel, ForestPlan, make_plan, plan_segments
+from flashforge_hf.planner import ONE_SPLIT, DeviceModel, ForestPlan, make_plan, plan_segments, plan_suffix_splits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1 (tests/conftest.py)")
@@ -421,6 +421,15 @@ def test_planner_picks_the_waves_measured_faster(rows, n, chunks):
     one, _ = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), waves=1, device_model=H100)
     two, _ = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), waves=2, device_model=H100)
     assert seg.host in (one.host, two.host)
+
+
+def test_suffix_plans_without_splits_are_equal_for_every_end():
+    """H100 suffix plans (8 KV heads, one query token): batches that fill the card never split, and their plan
+    is the same for every end (a graph captured with it stays valid); one row splits more as its suffix grows."""
+    plan = lambda rows, end: plan_suffix_splits(rows, 8, end, 1, torch.device("cpu"), device_model=H100)  # noqa: E731
+    assert {plan(rows, end) for rows in (17, 64, 256) for end in (1, 256, 257, 512, 4096)} == {(ONE_SPLIT, 1)}
+    assert [plan(1, end)[1] for end in (100, 256, 257, 512, 600)] == [1, 1, 2, 2, 3]
+    assert plan(16, 512) == (256, 2) and plan(16, 256) == (ONE_SPLIT, 1)
 
 
 def test_long_segment_with_gpu_chunking():

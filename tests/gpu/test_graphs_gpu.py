@@ -8,7 +8,8 @@ import torch
 from transformers import LogitsProcessorList
 
 import flashforge_hf
-from flashforge_hf import graphs
+from flashforge_hf import cache as cache_module
+from flashforge_hf import graphs, planner
 from flashforge_hf.bench_generate import attention
 from test_graphs import ForceEos
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
@@ -38,12 +39,23 @@ def _decode(model, ids, mask, graph: bool, seed=None, processors=(), logits=True
     return out, dict(graphs.last_stats)
 
 
+def _split_every_16(num_rows, num_kv_heads, end, q_len, device, device_model=None):
+    """A suffix plan that splits every 16 columns: every bucket of the test below gets a plan of its own."""
+    return (16, -(-end // 16)) if end > 16 else (planner.ONE_SPLIT, 1)
+
+
+@pytest.mark.parametrize("splits", ["planner", "every_16"])
 @pytest.mark.parametrize("compile", [False, True], ids=["plain", "compiled"])
 @pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
-def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, compile):
+def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, compile, splits):
     """120 steps over buckets of 16, 32, 64, 128 columns (and the capacity): tokens and logits bitwise equal
-    (compiled: graph replay of the compiled step against the same compiled step run eagerly)."""
+    (compiled: graph replay of the compiled step against the same compiled step run eagerly). The planner does not
+    split these suffixes (few rows, short suffixes), so one graph serves every bucket; with splits every 16
+    columns each bucket's plan differs and is captured anew."""
     monkeypatch.setattr(graphs, "MIN_BUCKET", 16)
+    if splits == "every_16":
+        monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
+        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
     for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
         ids, mask = ids.cuda(), mask.cuda()
         kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
@@ -52,7 +64,10 @@ def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, comp
         eager, eager_stats = _decode(model, ids, mask, False, seed=3, compile=compile, **kw)
         graph, stats = _decode(model, ids, mask, True, seed=3, compile=compile, **kw)
         assert eager_stats["captures"] == 0 and stats["graphs"] and stats["compiled"] == compile
-        assert 3 <= stats["captures"] <= 6, stats
+        if splits == "planner":
+            assert stats["captures"] == 1, stats
+        else:
+            assert 3 <= stats["captures"] <= 6, stats
         assert torch.equal(eager.sequences, graph.sequences)
         for a, b in zip(eager.logits, graph.logits):
             assert torch.equal(a, b)
@@ -71,12 +86,13 @@ def test_graph_eos_rows_and_stop(model):
 
 
 def test_captures_bounded_and_close_to_eager_transformers_loop(model):
-    """600 steps of one row: buckets 256, 512 and the capacity, at most 3 captures; greedy tokens agree with
+    """600 steps of one row: buckets 256, 512 and the capacity, each with its own suffix splits (1, 2, 3): 3
+    captures; greedy tokens agree with
     transformers' own loop on the same cache (per-step plans: rounding may differ, so compared loosely)."""
     ids, mask = shared_prefix_batch(batch=1, prefix=40)
     ids, mask = ids.cuda(), mask.cuda()
     graph, stats = _decode(model, ids, mask, True, max_new_tokens=600, min_new_tokens=600, do_sample=False)
-    assert stats["captures"] <= 3 and stats["graph_pool_bytes"] >= 0
+    assert stats["captures"] == 3 and stats["graph_pool_bytes"] >= 0
     cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=600)
     eager = model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, max_new_tokens=600,
                            min_new_tokens=600, do_sample=False)

@@ -21,12 +21,12 @@ multinomial sampling with every logits processor and stopping criterion transfor
 transformers pads them; its two minimum-length processors, which copy the whole float32 logits every step, run
 in place instead, see :class:`EosFloor`). It never waits for the GPU inside the loop: whether every row has
 finished is copied to pinned host memory asynchronously and read once the GPU got there (the host runs at most
-:data:`LAG` steps ahead), and steps run past the end are trimmed, so the output equals transformers' loop. Under tensor parallel
-(several processes) each step holds collectives, so every rank must run the same steps: the flags are then read
-exactly LAG steps late, after waiting for that step, on every rank alike. Rows that have finished stop costing
-suffix-attention work (their suffix start moves past the end; the shared segments are read once for all rows
-anyway), unless scores or logits are returned: transformers keeps computing finished rows' logits, and so do we
-then. Off CUDA the same static steps run eagerly.
+:data:`LAG` steps ahead), and steps run past the end are trimmed, so the output equals transformers' loop.
+Under tensor parallel (several processes) each step holds collectives, so every rank must run the same steps:
+the flags are then read exactly LAG steps late, after waiting for that step, on every rank alike. Rows that have
+finished stop costing suffix-attention work (their suffix start moves past the end; the shared segments are read
+once for all rows anyway), unless scores or logits are returned: transformers keeps computing finished rows'
+logits, and so do we then. Off CUDA the same static steps run eagerly.
 
 ``compile=True`` runs the step through ``torch.compile`` (inductor, default mode) before capturing it: the
 model's own non-attention work (RMSNorm, rotary embedding, SiLU, residual adds: some 35 small kernels per layer in
@@ -126,16 +126,16 @@ class GraphDecoder:
             )
         self.ids.copy_(tokens.reshape(-1, 1))
         bound = bucket_bound(self.cursor + 1, self.cache.capacity)
-        if bound != self.bound:  # a new bucket: one eager step with its plan, then (CUDA) capture the rest
+        if bound != self.bound:  # a new bucket: the graph goes on if its plan is the same, else one eager step
             key = self.cache.static_plan_key
             same_plan = self.graph is not None and key(bound) == key(self.bound)
             self.bound = bound
             self.cache.set_static_bound(bound)
-            if same_plan:  # the graph's plan is this bucket's too: it goes on
+            if same_plan:
                 self.graph.replay()
             else:
                 self.graph = None
-                if self.use_graph:
+                if self.use_graph:  # with the new plan, then the capture
                     self._eager_then_capture()
                 else:
                     self._forward()
@@ -219,8 +219,11 @@ def lean_processors(processors, vocab_size: int, device) -> LogitsProcessorList:
         if type(p) in (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor):
             eos = p.eos_token_id.reshape(-1).to(device=device, dtype=torch.long)
             eos = eos[(eos >= 0) & (eos < vocab_size)]  # ids torch.isin would never match; one sync per generate
-            new = p.min_length if type(p) is MinLengthLogitsProcessor else p.prompt_length_to_skip + p.min_new_tokens
-            p = EosFloor(new, eos)
+            if type(p) is MinLengthLogitsProcessor:
+                min_len = p.min_length
+            else:
+                min_len = p.prompt_length_to_skip + p.min_new_tokens
+            p = EosFloor(min_len, eos)
         out.append(p)
     return out
 

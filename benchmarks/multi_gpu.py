@@ -53,6 +53,7 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
 def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     from flashforge_hf import bench_e2e as be
     from flashforge_hf import bench_generate as bg
+    from flashforge_hf.bench_attention import card_name
     from flashforge_hf.generation import layer_devices
 
     torch.set_grad_enabled(False)
@@ -92,7 +93,7 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
             r = be.measure(model, wl, method, ids, mask, repeats=2)
             timings[method] = be.run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return dict(mode=mode, card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    return dict(mode=mode, card=card_name(dev)[0],
                 doc=doc, questions=questions, new_tokens=new,
                 gpus=torch.distributed.get_world_size() if dist else max(1, len(layer_devices(model))),
                 devices=sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}),

@@ -74,4 +74,4 @@ def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
     md = tmp_path / "r.md"
     subprocess.run([sys.executable, script, "report", *(str(tmp_path / f"{m}.json") for m in runs), "--md", str(md)],
                    check=True, capture_output=True, timeout=120)
-    assert "| tp | cpu | 2 |" in md.read_text()
+    assert "| tp | CPU | 2 |" in md.read_text()

@@ -91,8 +91,9 @@ def main() -> int:
              f"{args.commit or _git_commit()}, `python benchmarks/decode_trace.py {' '.join(sys.argv[1:])}`")
     lines = ["# Compiled decode steps inside a real generate", "", stamp, "",
              "min_new_tokens: the benchmark's setting (every row generates new_tokens; transformers then adds its "
-             "MinNewTokensLength processor, a clone and a where over the float32 logits each step); off: the same "
-             "without it. TPOT: median GPU interval between steps. Trace: six steps at the middle.", "",
+             "MinNewTokensLength processor, which the decode loop runs in place since d3a3d2a: EOS scores set to -inf, "
+             "where transformers' own copies and rewrites the float32 logits each step); off: the same without it. "
+             "TPOT: median GPU interval between steps. Trace: six steps at the middle.", "",
              "| workload | rows | min_new_tokens | TPOT ms | first steps ms | every 16th step ms | SM MHz / W every 16 steps | traced span / busy ms per step |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -303,10 +303,10 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     keep_logits = gc.return_dict_in_generate and gc.output_logits
     # Finished rows stop costing suffix attention, unless their (meaningless but returned) logits are asked for.
     skip_finished = has_eos and not (keep_scores or keep_logits)
-    if not keep_logits:  # the processors then get a buffer of ours (or our copy of it), never a returned tensor
-        logits_processor = lean_processors(logits_processor, model.config.vocab_size, input_ids.device)
     scores, raw = [], []
     device = input_ids.device
+    if not keep_logits:  # the processors then get a buffer of ours (or our copy of it), never a returned tensor
+        logits_processor = lean_processors(logits_processor, model.config.vocab_size, device)
     mask = model_kwargs.get("attention_mask")
     positions = (mask.long().sum(-1) - 1) if mask is not None else torch.full((B,), L - 1, device=device)
     seq = torch.empty(B, L + new, dtype=input_ids.dtype, device=device)

@@ -292,10 +292,13 @@ def test_planner_plans(name, dtype):
     ("gqa4_d96_3levels_prefill", 4, 16, 3),
     ("mqa8_d128_4levels", 16, 32, 4),
     ("rows_without_segments", 3, 16, 1),
+    ("mqa8_d128_4levels", 3, 16, 64),  # one split: the suffix kernel merges many segment slots per row itself
 ])
 def test_chunks_and_splits(name, chunk_len, block_m, split_len, dtype):
     f = make_forest(7 + chunk_len, dtype=dtype, **FORESTS[name])
-    check_forest(f, manual_plan(f, chunk_len, block_m, split_len, seed=chunk_len), dtype)
+    plan = manual_plan(f, chunk_len, block_m, split_len, seed=chunk_len)
+    assert plan[2].diff().max() > 4, "every case gives some row several chunks of several segments"
+    check_forest(f, plan, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -462,14 +465,14 @@ def test_suffix_prefill_query_tiles():
 def test_merge_kernel(D):
     """Random partials with empty slots and queries with no partial at all, non-contiguous output."""
     gen = torch.Generator().manual_seed(D)
-    R, Q, Hq, n_suffix = 3, 2, 5, 2
-    row_slot_off = torch.tensor([0, 3, 3, 4], dtype=torch.int32)
-    slot0 = 4
+    R, Q, Hq, n_suffix = 5, 2, 5, 5  # segment slots 3, 0, 4, 5, 9 and 5 suffix splits
+    row_slot_off = torch.tensor([0, 3, 3, 7, 12, 21], dtype=torch.int32)
+    slot0 = 21
     P = slot0 + n_suffix * R
     o_part = torch.randn(P, Q, Hq, D, generator=gen)
     lse_part = torch.randn(P, Q, Hq, generator=gen) * 5
     lse_part[torch.rand(P, Q, Hq, generator=gen) < 0.3] = float("-inf")
-    lse_part[[slot0 + 1, slot0 + R + 1], 0, 2] = float("-inf")  # row 1 has no segment slot: nothing at all
+    lse_part[[slot0 + j * R + 1 for j in range(n_suffix)], 0, 2] = float("-inf")  # row 1: no partial at all
     o_part[torch.isneginf(lse_part)] = 0.0
     ref = torch.empty(R, Q, Hq, D, dtype=torch.float64)
     merge_partials_reference(o_part.double(), lse_part.double(), row_slot_off, slot0, n_suffix, ref)

@@ -41,18 +41,25 @@ def online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def attend_keys(q, k_base, v_base, s_kn, s_vn, lo, hi, q_col, offs_d, mask_d, acc, m_i, l_i, qk_scale,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, EVEN_D: tl.constexpr):
     """Online softmax of q [M, BLOCK_D] over keys lo, lo + BLOCK_N, ... below hi (key n at k_base + n * s_kn,
     element strides). MASKED: keys >= hi, and keys > q_col [M] for each query, are left out; otherwise the
-    caller guarantees that every tile is whole and visible to every query (no per-key mask at all)."""
+    caller guarantees that every tile is whole and visible to every query (no per-key mask at all). EVEN_D: the
+    head dim fills the tile (mask_d all true), so unmasked tiles load without any mask."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + offs_n[:, None] * s_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * s_vn + offs_d[None, :]
         if MASKED:
             kv_mask = (offs_n < hi)[:, None] & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            kv_mask = mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             s = tl.where((offs_n < hi)[None, :] & (offs_n[None, :] <= q_col[:, None]), s, float("-inf"))

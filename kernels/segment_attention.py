@@ -80,7 +80,7 @@ def _segment_attention_kernel(
     s_qr, s_qh, s_qt, s_kh, s_kn, s_vh, s_vn,  # element strides // STRIDE_UNIT
     s_op, s_ot, s_oh, s_lp, s_lt,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr, DOT_PREC: tl.constexpr, ONE_Q: tl.constexpr,
 ):
     """Program (task, kv head h): keys [kv_lo, kv_hi) of seg_k/v[h] against stacked queries [m_lo, m_hi)."""
     task = tasks_ptr + tl.program_id(0) * 6
@@ -94,8 +94,12 @@ def _segment_attention_kernel(
 
     offs_m = m_lo + tl.arange(0, BLOCK_M)
     mask_m = offs_m < m_hi
-    row_local = offs_m // (Q * G)
-    t = (offs_m // G) % Q
+    if ONE_Q:  # decoding: one query token per row (index math on a compile-time Q)
+        row_local = offs_m // G
+        t = offs_m * 0
+    else:
+        row_local = offs_m // (Q * G)
+        t = (offs_m // G) % Q
     hq = h * G + offs_m % G
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -113,9 +117,11 @@ def _segment_attention_kernel(
     n_full = kv_lo + (kv_hi - kv_lo) // BLOCK_N * BLOCK_N
     q_col = offs_m * 0 + kv_hi
     acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, kv_lo, n_full, q_col,
-                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, False, DOT_PREC)
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, False, DOT_PREC,
+                                BLOCK_D == D)
     acc, m_i, l_i = attend_keys(q, k_base, v_base, s_kn * STRIDE_UNIT, s_vn * STRIDE_UNIT, n_full, kv_hi, q_col,
-                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, True, DOT_PREC)
+                                offs_d, mask_d, acc, m_i, l_i, qk_scale, BLOCK_N, True, DOT_PREC,
+                                BLOCK_D == D)
     o, lse = finish_softmax(acc, m_i, l_i)
 
     slot = (tl.load(row_slot_ptr + rows_lo + row_local, mask=mask_m, other=0) + chunk).to(tl.int64)
@@ -159,7 +165,7 @@ def bind_segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part
         (q, seg_k, seg_v, *fixed),
         (sm_scale * LOG2E, Q, *[s // unit for s in strides]),
         dict(G=Hq // Hkv, D=D, BLOCK_M=bm, BLOCK_N=min(plan.block_n, max_bn), BLOCK_D=bd, STRIDE_UNIT=unit,
-             DOT_PREC=dot_precision(q.dtype)),
+             DOT_PREC=dot_precision(q.dtype), ONE_Q=Q == 1),
         num_warps=num_warps, num_stages=num_stages,
     )
     return lambda q, k, v: launch(q, k, v, *fixed)

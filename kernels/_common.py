@@ -23,17 +23,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC: tl.constexpr):
+def online_softmax_step(s, v, acc, m_i, l_i, qk_scale, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     """One key tile of an online softmax.
 
-    s: [M, N] float32 scores already scaled to log2 units (-inf where masked); v: [N, D] values;
-    acc: [M, D] float32 unnormalised output; m_i: [M] running max (log2 units, -inf before any key);
-    l_i: [M] running sum of exp2(s - m_i). Rows that have seen no key keep acc = 0, l_i = 0, m_i = -inf.
+    s: [M, N] float32 raw scores q.k (-inf where masked); qk_scale: sm_scale * log2(e), > 0; v: [N, D] values;
+    acc: [M, D] float32 unnormalised output; m_i: [M] running max of the scaled scores (log2 units, -inf before
+    any key); l_i: [M] running sum of exp2(s * qk_scale - m_i). The scale is applied inside the exponent (one
+    fused multiply-add per score). MASKED: a row may have seen no key yet (all -inf): it keeps acc = 0,
+    l_i = 0, m_i = -inf; unmasked tiles give every row a finite score, so that guard is left out there.
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -60,10 +65,10 @@ def attend_keys(q, k_base, v_base, s_kn, s_vn, lo, hi, q_col, offs_d, mask_d, ac
         else:
             k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)
             v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if MASKED:
             s = tl.where((offs_n < hi)[None, :] & (offs_n[None, :] <= q_col[:, None]), s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+        acc, m_i, l_i = online_softmax_step(s, v, acc, m_i, l_i, qk_scale, DOT_PREC, MASKED)
     return acc, m_i, l_i
 
 

@@ -130,6 +130,15 @@ class KernelLauncher:
         return lambda *ts: runner(*ts, *rest)
 
 
+def log2_scale(sm_scale: float) -> float:
+    """The kernels' ``qk_scale``: ``sm_scale`` in log2 units (sm_scale * log2(e)). The online softmax takes each
+    tile's row max on raw scores and scales it afterwards, which needs a positive finite scale."""
+    if not (sm_scale > 0 and sm_scale != float("inf")):
+        raise ValueError(f"sm_scale must be a positive finite number (the softmax scale, e.g. head_dim ** -0.5), "
+                         f"got {sm_scale!r}.")
+    return sm_scale * LOG2E
+
+
 def stride_unit(*strides: int) -> int:
     """16 when every stride is a multiple of 16 (the kernels then pass stride // 16), else 1."""
     return 16 if all(s % 16 == 0 for s in strides) else 1

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, stride_unit
+from ._common import KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, log2_scale, stride_unit
 
 
 class SegmentTasks(NamedTuple):
@@ -163,7 +163,7 @@ def bind_segment_attention(q, seg_k, seg_v, plan: SegmentTasks, o_part, lse_part
     launch = _launch_segment.bind(
         (n_tasks, Hkv, 1),
         (q, seg_k, seg_v, *fixed),
-        (sm_scale * LOG2E, Q, *[s // unit for s in strides]),
+        (log2_scale(sm_scale), Q, *[s // unit for s in strides]),
         dict(G=Hq // Hkv, D=D, BLOCK_M=bm, BLOCK_N=min(plan.block_n, max_bn), BLOCK_D=bd, STRIDE_UNIT=unit,
              DOT_PREC=dot_precision(q.dtype), ONE_Q=Q == 1),
         num_warps=num_warps, num_stages=num_stages,

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOG2E, KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, merge_slot,
+from ._common import (KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, log2_scale, merge_slot,
                       stride_unit)
 from .merge import merge_partials_reference
 
@@ -248,7 +248,7 @@ def bind_suffix_attention(q, suf_k, suf_v, plan: SuffixTasks, o_part, lse_part, 
     launch = _launch_suffix.bind(
         (R * q_tiles, Hkv, plan.n_splits),
         (q, suf_k, suf_v, new_k, new_v, *fixed),
-        (sm_scale * LOG2E, R, Q, plan.split_len, plan.slot0, q_tiles, int(merge), int(new_kv is not None),
+        (log2_scale(sm_scale), R, Q, plan.split_len, plan.slot0, q_tiles, int(merge), int(new_kv is not None),
          *[s // unit for s in strides]),
         dict(G=G, D=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, STRIDE_UNIT=unit, DOT_PREC=dot_precision(q.dtype)),
         num_warps=num_warps, num_stages=num_stages,

@@ -372,6 +372,22 @@ def test_new_kv_written_by_the_attention(name, dtype):
         assert torch.equal(g.suf_k, f.suf_k) and rel_err(out, truth) <= limit, "forest_attention (CPU), new_kv"
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_bad_softmax_scale_refused(scale):
+    """The kernels scale each tile's row max after taking it: a scale that is not positive and finite raises
+    (naming the argument) before any launch, with the partial buffers untouched."""
+    f = make_forest(3, dtype=torch.float32, **FORESTS["mha_d64_1level"])
+    seg, suf, off, n_slots = planner_plan(f)
+    R, Hq, Q, D, Hkv = f.dims
+    o_part = torch.full((n_slots, Q, Hq, D), float("nan"))
+    lse_part = torch.full((n_slots, Q, Hq), float("nan"))
+    with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+        segment_attention(f.q, f.seg_k, f.seg_v, seg, o_part, lse_part, scale)
+    with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+        suffix_attention(f.q, f.suf_k, f.suf_v, suf, o_part, lse_part, scale)
+    assert torch.isnan(o_part).all() and torch.isnan(lse_part).all()
+
+
 def test_new_kv_refused_where_it_cannot_apply():
     """new_kv is one token per row: several query tokens, or keys of another shape, raise before any work."""
     f = make_forest(5, dtype=torch.float32, **FORESTS["gqa4_d96_3levels_prefill"])  # Q = 3

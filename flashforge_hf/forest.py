@@ -10,9 +10,15 @@ layer) but blocked for long prefills.
 
 On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
 (device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its
-tensors to the bound launches. With one suffix split the merge runs inside the suffix kernel (two launches per layer);
-otherwise the merge kernel follows (three). The merge kernel is compiled in either case, so that a decode
-whose suffix starts splitting compiles nothing. Triton compiles for and launches on the current device, so a
+tensors to the bound launches. With shared segments, the segment kernel runs on a side stream of the device
+(:func:`side_stream`) while the suffix kernel runs on the current one, and the merge kernel follows once both
+are done: the segment tasks (tensor-core work on one block per SM) and the suffix programs (streaming reads)
+share the SMs; captured in a CUDA graph they are two branches. Measured on an H100 (8B shapes, one layer): 37.5
+-> 29.8 us on 64 rows x 4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 + 192, against the segment
+kernel followed by a suffix kernel that merges in its epilogue. Without shared segments the suffix kernel
+merges and writes the output itself (one launch) when it has one split; otherwise the merge kernel follows. The
+kernels are the same in every case and on every stream, so eager steps and graph replays give identical
+results. Triton compiles for and launches on the current device, so a
 layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
 on another fails with "invalid resource handle".
 """
@@ -25,6 +31,17 @@ from .kernels import merge, segment_attention, suffix_attention
 from .planner import ForestPlan
 
 
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream on which the segment kernel of every layer runs (one per device, made at first use)."""
+    stream = _side_streams.get(device.index)
+    if stream is None:
+        stream = _side_streams[device.index] = torch.cuda.Stream(device)
+    return stream
+
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
 def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out, new_kv):
     """``launch(q, seg_k, seg_v, suf_k, suf_v, out, new_k, new_v)``: every kernel of one layer for tensors like
     these."""
@@ -33,17 +50,31 @@ def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float
     seg = None
     if plan.segments is not None:
         seg = segment_attention.bind_segment_attention(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
-    fused = plan.suffix.n_splits == 1
+    merged = seg is None and plan.suffix.n_splits == 1
     suf = suffix_attention.bind_suffix_attention(q, suf_k, suf_v, plan.suffix, o_part, lse_part, plan.row_slot_off,
-                                                 out, sm_scale, fused, new_kv)
+                                                 out, sm_scale, merged, new_kv)
     mrg = merge.bind_merge_partials(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
+    if merged:
+        return lambda q, sk, sv, fk, fv, out, nk, nv: suf(q, fk, fv, out, nk, nv)
     if seg is None:
-        if fused:
-            return lambda q, sk, sv, fk, fv, out, nk, nv: suf(q, fk, fv, out, nk, nv)
         return lambda q, sk, sv, fk, fv, out, nk, nv: (suf(q, fk, fv, out, nk, nv), mrg(out))
-    if fused:
-        return lambda q, sk, sv, fk, fv, out, nk, nv: (seg(q, sk, sv), suf(q, fk, fv, out, nk, nv))
-    return lambda q, sk, sv, fk, fv, out, nk, nv: (seg(q, sk, sv), suf(q, fk, fv, out, nk, nv), mrg(out))
+    side = side_stream(q.device)
+    fork, join = torch.cuda.Event(), torch.cuda.Event()
+
+    def launch(q, sk, sv, fk, fv, out, nk, nv):
+        main = torch.cuda.current_stream()
+        fork.record(main)  # the side stream waits for q (and for the previous layer's merge of the partials)
+        side.wait_event(fork)
+        torch.cuda.set_stream(side)
+        try:
+            seg(q, sk, sv)
+        finally:
+            torch.cuda.set_stream(main)
+        suf(q, fk, fv, out, nk, nv)
+        join.record(side)
+        main.wait_event(join)  # all later work on main (frees of q, k, v included) is ordered after the segments
+        mrg(out)
+    return launch
 
 
 def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float, out=None,

@@ -77,7 +77,12 @@ def bind_merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suf
     partials and slot tables are bound); compiles the variant now."""
     R, Q, Hq, D = out.shape
     bd = block_d(D)
-    bh = min(triton.next_power_of_2(Hq), max(1, 4096 // bd))
+    # Blocks of 8 query heads with 4 warps; 2 heads with 1 warp where that leaves fewer than 256 programs (few
+    # rows). H100, 8B shapes: 3.0 vs 3.6 us on 64 rows x 5 slots, 3.3 vs 3.4 on 256 x 2, 8.4 vs 13.4 on 16 x 33
+    # against one block of 32 heads per row.
+    bh, num_warps = min(8, triton.next_power_of_2(Hq)), 4
+    if R * Q * triton.cdiv(Hq, bh) < 256:
+        bh, num_warps = min(2, bh), 1
     strides = (*o_part.stride()[:3], *lse_part.stride()[:2], *out.stride()[:3])
     unit = stride_unit(*strides)
     launch = _launch_merge.bind(
@@ -85,7 +90,7 @@ def bind_merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suf
         (o_part, lse_part, row_slot_off, out),
         (R, Q, Hq, suffix_slot0, n_suffix, *[s // unit for s in strides]),
         dict(D=D, BLOCK_H=bh, BLOCK_D=bd, STRIDE_UNIT=unit),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return lambda out: launch(o_part, lse_part, row_slot_off, out)
 

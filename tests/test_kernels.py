@@ -477,11 +477,13 @@ def test_suffix_prefill_query_tiles():
     check_forest(f, manual_plan(f, chunk_len=8, block_m=64, split_len=16), torch.float32)
 
 
-@pytest.mark.parametrize("D", [64, 80, 256])
-def test_merge_kernel(D):
-    """Random partials with empty slots and queries with no partial at all, non-contiguous output."""
-    gen = torch.Generator().manual_seed(D)
-    R, Q, Hq, n_suffix = 5, 2, 5, 5  # segment slots 3, 0, 4, 5, 9 and 5 suffix splits
+@pytest.mark.parametrize("D, Q, Hq", [(64, 2, 5), (80, 2, 5), (256, 2, 5), (64, 52, 12)])
+def test_merge_kernel(D, Q, Hq):
+    """Random partials with empty slots and queries with no partial at all, non-contiguous output. Both grids of
+    the launcher: 2-head blocks (few programs) and, at Q = 52 (5 x 52 x 2 >= 256 programs), 8-head blocks with a
+    partial last block (12 heads)."""
+    gen = torch.Generator().manual_seed(D + Q)
+    R, n_suffix = 5, 5  # segment slots 3, 0, 4, 5, 9 and 5 suffix splits
     row_slot_off = torch.tensor([0, 3, 3, 7, 12, 21], dtype=torch.int32)
     slot0 = 21
     P = slot0 + n_suffix * R

@@ -10,15 +10,17 @@ layer) but blocked for long prefills.
 
 On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
 (device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its
-tensors to the bound launches. With shared segments, the segment kernel runs on a side stream of the device
-(:func:`side_stream`) while the suffix kernel runs on the current one, and the merge kernel follows once both
-are done: the segment tasks (tensor-core work on one block per SM) and the suffix programs (streaming reads)
-share the SMs; captured in a CUDA graph they are two branches. Measured on an H100 (8B shapes, one layer): 37.5
--> 29.8 us on 64 rows x 4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 + 192, against the segment
-kernel followed by a suffix kernel that merges in its epilogue. Without shared segments the suffix kernel
-merges and writes the output itself (one launch) when it has one split; otherwise the merge kernel follows. The
-kernels are the same in every case and on every stream, so eager steps and graph replays give identical
-results. Triton compiles for and launches on the current device, so a
+tensors to the bound launches. With shared segments a layer is three launches: the segment kernel, the suffix
+kernel (writing its partials) and the merge kernel. Captured into a CUDA graph, the segment kernel goes on a
+side stream of the device (:func:`side_stream`) beside the suffix kernel, the two becoming parallel branches that
+join before the merge: the segment tasks (tensor-core work, one block per SM) and the suffix programs (streaming
+reads) share the SMs. Measured on an H100 (8B shapes, one layer, graph replays): 37.5 -> 29.8 us on 64 rows x
+4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 + 192, against the segment kernel followed by a suffix
+kernel that merges in its epilogue. Launched eagerly (no capture), where a decode step's time is the host's and
+handing work between streams costs host time per layer, the three run one after the other on the current
+stream. Without shared segments the suffix kernel merges and writes the output itself (one launch) when it has
+one split; otherwise the merge kernel follows. The kernels are the same either way, so eager steps and graph
+replays give identical results. Triton compiles for and launches on the current device, so a
 layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
 on another fails with "invalid resource handle".
 """
@@ -32,7 +34,7 @@ from .planner import ForestPlan
 
 
 def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The side stream on which the segment kernel of every layer runs (one per device, made at first use)."""
+    """The side stream on which captured layers run the segment kernel (one per device, made at first use)."""
     stream = _side_streams.get(device.index)
     if stream is None:
         stream = _side_streams[device.index] = torch.cuda.Stream(device)
@@ -62,6 +64,11 @@ def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float
     fork, join = torch.cuda.Event(), torch.cuda.Event()
 
     def launch(q, sk, sv, fk, fv, out, nk, nv):
+        if not torch.cuda.is_current_stream_capturing():  # eager: one stream (see the module docstring)
+            seg(q, sk, sv)
+            suf(q, fk, fv, out, nk, nv)
+            mrg(out)
+            return
         main = torch.cuda.current_stream()
         fork.record(main)  # the side stream waits for q (and for the previous layer's merge of the partials)
         side.wait_event(fork)

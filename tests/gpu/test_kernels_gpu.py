@@ -2,8 +2,9 @@
 
 Same float64 ground truth and 2x-PyTorch-error rule as tests/test_kernels.py, with the CUDA planner's own
 chunking and splitting, in bf16 and fp16; forest_attention's bound launches (reused across layers, rebound
-for a misaligned tensor, merged or split suffix); a rerun-until-identical race check and a compile-count check
-over 2,000 simulated decode steps.
+for a misaligned tensor, one or several suffix splits); a rerun-until-identical race check, the ordering of the
+segment kernel's side stream (eagerly and in a CUDA graph), and a compile-count check over 2,000 simulated decode
+steps.
 """
 
 import dataclasses
@@ -58,12 +59,12 @@ def _forest_call_error(f, plan):
     return rel_err(out, truth), 2 * rel_err(base, truth) + EPS[f.q.dtype]
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["merged_suffix", "split_suffix"])
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_suffix"])
 @pytest.mark.parametrize("name", ["gqa4_d128_decode", "mqa16_d256_prefill", "long_segment"])
 def test_forest_attention_bound_launches(name, split):
     """One plan, launches bound at the first call and reused: a second layer (same geometry, other data), then
-    a q whose data pointer is not 16-byte aligned (bound anew); with one suffix split (merge inside the suffix
-    kernel) and with the suffix forced to split (merge kernel)."""
+    a q whose data pointer is not 16-byte aligned (bound anew); with one suffix split and with the suffix forced
+    to split."""
     f = make_forest(len(name), dtype=torch.bfloat16, device="cuda", **CASES[name])
     R, Hq, Q, D, _ = f.dims
     start = torch.tensor(f.start, dtype=torch.int32, device="cuda")
@@ -89,7 +90,7 @@ def test_forest_attention_bound_launches(name, split):
     assert len(plan.launches) == 2
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["merged_suffix", "split_suffix"])
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_suffix"])
 @pytest.mark.parametrize("name", ["gqa4_d128_decode", "gqa3_d80_decode", "long_segment"])
 def test_new_kv_written_by_the_suffix_kernel(name, split):
     """Decoding with new_kv (the suffix kernel attends to the token from registers and stores it at column
@@ -112,6 +113,53 @@ def test_new_kv_written_by_the_suffix_kernel(name, split):
         assert err <= limit, f"error {err:.3g} > {limit:.3g}"
         first = out if first is None else first
         assert torch.equal(out.view(torch.uint8), first.view(torch.uint8))
+
+
+def test_side_stream_ordering():
+    """Six layers back to back with no sync, each layer's q written into one buffer on the current stream after a
+    long matmul and its output read right after the call, eagerly and captured in a CUDA graph (where the segment
+    kernel runs on a side stream, see forest.py): every output equals that layer run alone between syncs (the side
+    stream waits for q and for the previous layer's merge, which reads the partials it overwrites; the current
+    stream waits for the segments)."""
+    f = make_forest(7, dtype=torch.bfloat16, device="cuda", **CASES["long_segment"])
+    R, Hq, Q, D, _ = f.dims
+    seg, suf, off, n_slots = planner_plan(f, "cuda")
+    assert seg is not None
+    plan = ForestPlan(seg, suf, off, n_slots, Q)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qs = [torch.randn(R, Q, Hq, D, device="cuda", dtype=f.q.dtype, generator=gen).transpose(1, 2) for _ in range(6)]
+    alone = []
+    for q in qs:
+        torch.cuda.synchronize()
+        alone.append(forest_attention(q, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, D ** -0.5).clone())
+        torch.cuda.synchronize()
+    q_buf = torch.empty_like(qs[0])
+    big = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    slow = torch.empty_like(big)
+    outs = [torch.empty_like(alone[0]) for _ in qs]
+
+    def layers():
+        for q, out in zip(qs, outs):
+            torch.matmul(big, big, out=slow)  # keeps the current stream busy before q is written
+            q_buf.copy_(q)
+            got = forest_attention(q_buf, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, D ** -0.5)
+            out.copy_(got)
+
+    for name in ("eager", "graph"):
+        for out in outs:
+            out.fill_(float("nan"))
+        if name == "eager":
+            layers()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                layers()
+            for out in outs:
+                out.fill_(float("nan"))
+            graph.replay()
+        torch.cuda.synchronize()
+        for i, (out, ref) in enumerate(zip(outs, alone)):
+            assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), f"{name}: layer {i} differs"
 
 
 def test_rerun_identical():

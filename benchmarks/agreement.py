@@ -5,6 +5,9 @@ implementations (sdpa and eager) and between stock and itself run in batches of 
 same math in other GEMM shapes: the criterion's noise floor); the share of rows whose first 16 greedy tokens
 equal those of an fp32 copy of the model, for every bf16 method alike; and, teacher-forced on stock's tokens, each
 method's logits against the fp32 copy's: relative L2 error and how often its top token is the fp32 model's.
+Issue 7's criterion between our own paths: the share of rows whose 16 greedy tokens under transformers' eager
+loop (every device) and compiled (CUDA) equal those of FlashForge's default decode (CUDA graphs on CUDA), and the
+compiled teacher-forced logits' relative L2 distance from the default's.
 
     python benchmarks/agreement.py --data GSM8K.jsonl --exemplars EXEMPLARS.jsonl [--model PATH] [--limit 64]
 
@@ -53,8 +56,8 @@ def main() -> int:
     with bg.attention(model, "eager"):
         runs["stock (eager attention)"] = bg.run_generate(model, ids, mask, bg.STOCK, **gen)
     runs["flashforge"] = bg.run_generate(model, ids, mask, bg.FLASHFORGE, **gen)
+    runs["flashforge eager loop"] = bg.run_generate(model, ids, mask, bg.EAGER, **gen)
     if cuda:
-        runs["flashforge eager loop"] = bg.run_generate(model, ids, mask, bg.EAGER, **gen)
         runs["flashforge compiled"] = bg.run_generate(model, ids, mask, bg.COMPILED, **gen)
     stock = runs["stock (sdpa)"]
     agree = {name: be.greedy_agreement(stock, run) for name, run in runs.items() if run is not stock}
@@ -82,6 +85,10 @@ def main() -> int:
                   commit=args.commit or _git_commit(), command="python benchmarks/agreement.py " + " ".join(sys.argv[1:]),
                   greedy_agreement_with_stock=agree,
                   greedy_agreement_with_fp32={k: be.greedy_agreement(fp32, run) for k, run in runs.items()},
+                  greedy_agreement_with_flashforge={k: be.greedy_agreement(runs["flashforge"], runs[k])
+                                                    for k in ("flashforge eager loop", "flashforge compiled") if k in runs},
+                  logits_rel_err_vs_flashforge={k: float((v - logits["flashforge"]).norm() / logits["flashforge"].norm())
+                                                for k, v in logits.items() if k == "flashforge compiled"},
                   logits_rel_err_vs_fp32={k: float((v - ref).norm() / ref.norm()) for k, v in logits.items()},
                   top1_equal_to_fp32={k: float((v.argmax(-1) == top).float().mean()) for k, v in logits.items()})
     print(json.dumps(result, indent=1))

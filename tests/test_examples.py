@@ -86,7 +86,8 @@ def test_tool_use(tiny_model):
 @needs_data
 def test_agreement_benchmark(tiny_model, tmp_path):
     """benchmarks/agreement.py on a tiny model (CPU, bf16): every method reported, every share in [0, 1], stock
-    in one batch of 8 equal to stock (tokens aligned), logit errors in (0, 1) (bf16 against fp32)."""
+    in one batch of 8 equal to stock (tokens aligned), logit errors in (0, 1) (bf16 against fp32), transformers'
+    eager loop with our cache against our own decode (CUDA-only compiled rows absent)."""
     import json
 
     out = tmp_path / "agreement.json"
@@ -98,11 +99,14 @@ def test_agreement_benchmark(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
     assert r["rows"] == 2 and r["tokens"] == 16
-    assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge",
+    assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge", "flashforge eager loop",
                                                      "stock (sdpa), batches of 8", "stock (sdpa), one prompt at a time"}
     assert r["greedy_agreement_with_stock"]["stock (sdpa), batches of 8"] == 1.0  # 2 rows: the same single batch
-    assert set(r["greedy_agreement_with_fp32"]) == {"stock (sdpa)", "stock (eager attention)", "flashforge"}
+    assert set(r["greedy_agreement_with_fp32"]) == {"stock (sdpa)", "stock (eager attention)", "flashforge",
+                                                    "flashforge eager loop"}
+    assert set(r["greedy_agreement_with_flashforge"]) == {"flashforge eager loop"}
+    assert r["logits_rel_err_vs_flashforge"] == {}
     shares = [*r["greedy_agreement_with_stock"].values(), *r["greedy_agreement_with_fp32"].values(),
-              *r["top1_equal_to_fp32"].values()]
+              *r["greedy_agreement_with_flashforge"].values(), *r["top1_equal_to_fp32"].values()]
     assert all(0.0 <= s <= 1.0 for s in shares)
     assert all(0.0 < e < 1.0 for e in r["logits_rel_err_vs_fp32"].values())

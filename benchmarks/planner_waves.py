@@ -1,5 +1,5 @@
-"""The planner's waves (segment tasks per SM) on the H100: forest attention (segment kernel + merged suffix
-kernel) of one layer per case, with WAVES=(2,) (every plan aims at two waves) against the planner's choice of
+"""The planner's waves (segment tasks per SM) on the H100: forest attention (segment, suffix and merge kernels)
+of one layer per case, with WAVES=(2,) (every plan aims at two waves) against the planner's choice of
 one or two, graph-replay median over rotated input copies. Writes benchmarks/results/planner_waves_<card>.md.
 
     python benchmarks/planner_waves.py [--commit SHA]

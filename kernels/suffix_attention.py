@@ -25,7 +25,9 @@ With one split, :func:`suffix_attention_merged` also does the merge (see merge.p
 folds the row's segment partials (slots [row_slot_off[r], row_slot_off[r + 1]), written by an earlier
 launch) into its own result and writes out [R, Q, Hq, D] (model dtype, any strides, last dim contiguous),
 saving the merge launch and the suffix partials' round trip. Both launchers run the same compiled variant
-(the merge is a runtime switch), so a decode that starts or stops splitting compiles nothing new.
+(the merge is a runtime switch), so a decode that starts or stops splitting compiles nothing new. forest.py
+uses it for layers without shared segments; with them it launches the segment kernel, this one without the
+merge, then the merge kernel (the first two side by side in a CUDA graph).
 """
 
 from typing import NamedTuple

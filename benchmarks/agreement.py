@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from flashforge_hf import bench_e2e as be, bench_generate as bg
-from flashforge_hf.bench_attention import _git_commit
+from flashforge_hf.bench_attention import _git_commit, rel_err
 from flashforge_hf.models import encode, load_model, load_tokenizer, resolve_device, smollm2_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the GSM8K example's prompts and loader
@@ -87,9 +87,9 @@ def main() -> int:
                   greedy_agreement_with_fp32={k: be.greedy_agreement(fp32, run) for k, run in runs.items()},
                   greedy_agreement_with_flashforge={k: be.greedy_agreement(runs["flashforge"], runs[k])
                                                     for k in ("flashforge eager loop", "flashforge compiled") if k in runs},
-                  logits_rel_err_vs_flashforge={k: float((v - logits["flashforge"]).norm() / logits["flashforge"].norm())
-                                                for k, v in logits.items() if k == "flashforge compiled"},
-                  logits_rel_err_vs_fp32={k: float((v - ref).norm() / ref.norm()) for k, v in logits.items()},
+                  logits_rel_err_vs_flashforge={k: rel_err(logits[k], logits["flashforge"])
+                                                for k in ("flashforge compiled",) if k in logits},
+                  logits_rel_err_vs_fp32={k: rel_err(v, ref) for k, v in logits.items()},
                   top1_equal_to_fp32={k: float((v.argmax(-1) == top).float().mean()) for k, v in logits.items()})
     print(json.dumps(result, indent=1))
     if args.out:

@@ -53,7 +53,7 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
 def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     from flashforge_hf import bench_e2e as be
     from flashforge_hf import bench_generate as bg
-    from flashforge_hf.bench_attention import card_name
+    from flashforge_hf.bench_attention import card_name, rel_err
     from flashforge_hf.generation import layer_devices
 
     torch.set_grad_enabled(False)
@@ -79,7 +79,7 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     err = {}
     for name, ours in (("ours", True), ("stock", False)):
         logits = be.teacher_forced(model, sub, ones, forced, ours=ours)
-        err[name] = float((logits - ref).norm() / ref.norm())
+        err[name] = rel_err(logits, ref)
     wl = be.Workload("doc-qa", "llama-8b", levels, new)
     greedy = {}
     for name, method in (("ours", bg.EAGER), ("stock", bg.REUSE)):

@@ -63,6 +63,7 @@ import torch
 
 import flashforge_hf
 from flashforge_hf import bench_generate as bg
+from flashforge_hf.bench_attention import rel_err
 from flashforge_hf import cache as ff_cache
 from flashforge_hf import graphs
 
@@ -252,8 +253,8 @@ def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
         ref = teacher_forced(reference, sub, mask, forced, ours=False)
         del reference
     free_memory()
-    err_stock = float((stock - ref).norm() / ref.norm())
-    errs = [float((x - ref).norm() / ref.norm()) for x in (ours, compiled) if x is not None]
+    err_stock = rel_err(stock, ref)
+    errs = [rel_err(x, ref) for x in (ours, compiled) if x is not None]
     return dict(check_rows=sub.shape[0], logit_err_stock=err_stock, logit_err_ours=errs[0],
                 logit_err_compiled=errs[1] if len(errs) > 1 else None,
                 logits_ok=max(errs) <= 2 * err_stock + 1e-6)

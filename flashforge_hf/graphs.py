@@ -46,7 +46,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import PrefixSharingCache
-from .compat import model_cache_kwarg
+from .compat import model_cache_kwarg, output_cache_field
 from .projections import fused_qkv
 
 MIN_BUCKET = 256  # columns: the smallest bucket bound
@@ -376,7 +376,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
         return GenerateDecoderOnlyOutput(
             sequences=seq, scores=tuple(scores[:n]) if keep_scores else None,
             logits=tuple(raw[:n]) if keep_logits else None,
-            past_key_values=cache,
+            **{output_cache_field(GenerateDecoderOnlyOutput): cache},
         )
     return seq
 

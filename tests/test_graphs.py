@@ -13,6 +13,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
 
 import flashforge_hf
 from flashforge_hf import graphs
+from flashforge_hf.compat import output_cache_field
 from tiny_models import load, save_tiny, tree_batch
 
 
@@ -157,14 +158,21 @@ def test_eos_rows_padded_stopped_and_skipped(model, at, logits):
         assert ours.shape[1] == ids.shape[1] + max(at) + 1  # stopped at the last row's EOS
 
 
-def test_scores_and_logits_equal_eager_loop(model):
+def test_scores_and_logits_equal_eager_loop(model, monkeypatch):
+    """... and the output holds our cache under the field name of the installed transformers, without the
+    deprecation warning that 5.24 logs for the old name ``past_key_values``."""
+    from transformers.utils import generic
+
     ids, mask = tree_batch(seed=8)
     kw = dict(max_new_tokens=9, do_sample=False, return_dict_in_generate=True, output_scores=True,
               output_logits=True, temperature=None, top_k=None, top_p=None, repetition_penalty=1.5)
     eager, _ = _generate(model, ids, mask, False, **kw)
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
     ours, cache = _generate(model, ids, mask, True, **kw)
+    assert not [m for m in said if "deprecated" in m], said
     assert torch.equal(eager.sequences, ours.sequences)
-    assert len(ours.scores) == len(ours.logits) == 9 and ours.past_key_values is cache
+    assert len(ours.scores) == len(ours.logits) == 9 and getattr(ours, output_cache_field(type(ours))) is cache
     for a, b in zip(eager.scores + eager.logits, ours.scores + ours.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -2,6 +2,7 @@
 stock's tokens, from transformers' loop and from our static decode loop."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,9 @@ def free_port() -> str:
 _VENV_TORCHRUN = Path(sys.executable).with_name("torchrun")
 TORCHRUN = str(_VENV_TORCHRUN) if _VENV_TORCHRUN.exists() else shutil.which("torchrun")  # None: not installed
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+# The CPU runs hide any GPU: on a machine with GPUs, transformers' tensor parallelism would otherwise place each
+# rank's model on cuda:<rank> (and fail on a machine with one GPU) while these tests feed CPU tensors.
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def run_two_ranks(tmp_path, backend: str) -> tuple[str, list[dict]]:
@@ -33,7 +37,8 @@ def run_two_ranks(tmp_path, backend: str) -> tuple[str, list[dict]]:
     out = tmp_path / "result"
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(),
            str(Path(__file__).with_name("tp_worker.py")), folder, str(out), backend]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
+                          env=CPU_ONLY if backend == "gloo" else None)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return folder, [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
 
@@ -63,7 +68,7 @@ def test_multi_gpu_benchmark_pipeline_on_cpu(tmp_path):
             "tp": [TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), script]}
     for mode, head in runs.items():
         proc = subprocess.run(head + [mode, folder, "--out", str(tmp_path / f"{mode}.json")] + small,
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, env=CPU_ONLY)
         assert proc.returncode == 0, proc.stderr[-4000:]
         result = json.loads((tmp_path / f"{mode}.json").read_text())
         assert result["logits_ok"] and len(result["greedy"]["ours"]) == len(result["greedy_fp32"]) == 4, result

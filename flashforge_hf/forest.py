@@ -10,17 +10,18 @@ layer) but blocked for long prefills.
 
 On CUDA the launches of a plan are bound once, at the first layer that calls with a given tensor geometry
 (device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its
-tensors to the bound launches. With shared segments a layer is three launches: the segment kernel, the suffix
-kernel (writing its partials) and the merge kernel. Captured into a CUDA graph, the segment kernel goes on a
-side stream of the device (:func:`side_stream`) beside the suffix kernel, the two becoming parallel branches that
-join before the merge: the segment tasks (tensor-core work, one block per SM) and the suffix programs (streaming
-reads) share the SMs. Measured on an H100 (8B shapes, one layer, graph replays): 37.5 -> 29.8 us on 64 rows x
-4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 + 192, against the segment kernel followed by a suffix
-kernel that merges in its epilogue. Launched eagerly (no capture), where a decode step's time is the host's and
-handing work between streams costs host time per layer, the three run one after the other on the current
-stream. Without shared segments the suffix kernel merges and writes the output itself (one launch) when it has
-one split; otherwise the merge kernel follows. The kernels are the same either way, so eager steps and graph
-replays give identical results. Triton compiles for and launches on the current device, so a
+tensors to the bound launches. Captured into a CUDA graph, a layer with shared segments is three launches: the
+segment kernel on a side stream of the device (:func:`side_stream`) beside the suffix kernel (writing its
+partials), the two becoming parallel branches that join before the merge kernel: the segment tasks (tensor-core
+work, one block per SM) and the suffix programs (streaming reads) share the SMs. Measured on an H100 (8B shapes,
+one layer, graph replays): 37.5 -> 29.8 us on 64 rows x 4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 +
+192, against the segment kernel followed by a suffix kernel that merges in its epilogue. Launched eagerly (no
+capture), where a decode step's time is the host's, a layer is that: the segment kernel, then the suffix kernel
+merging the row's partials itself when it has one split (two launches on the current stream; with several
+splits the merge kernel follows). Without shared segments the suffix kernel merges and writes the output itself
+(one launch) when it has one split; otherwise the merge kernel follows. The suffix kernel's merge and the merge
+kernel fold the same partials in the same order with the same arithmetic (kernels/merge.py), so eager steps and
+graph replays give identical results. Triton compiles for and launches on the current device, so a
 layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
 on another fails with "invalid resource handle".
 """
@@ -52,12 +53,19 @@ def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float
     seg = None
     if plan.segments is not None:
         seg = segment_attention.bind_segment_attention(q, seg_k, seg_v, plan.segments, o_part, lse_part, sm_scale)
-    merged = seg is None and plan.suffix.n_splits == 1
-    suf = suffix_attention.bind_suffix_attention(q, suf_k, suf_v, plan.suffix, o_part, lse_part, plan.row_slot_off,
-                                                 out, sm_scale, merged, new_kv)
+
+    def bind_suffix(merged: bool):
+        return suffix_attention.bind_suffix_attention(q, suf_k, suf_v, plan.suffix, o_part, lse_part,
+                                                      plan.row_slot_off, out, sm_scale, merged, new_kv)
+
+    # One split: the suffix kernel merges (uncaptured layers, and layers without segments); the unmerged launch
+    # and the merge kernel serve captured layers with segments and split suffixes. Both suffix launches are one
+    # compiled variant.
+    merged = bind_suffix(True) if plan.suffix.n_splits == 1 else None
+    if seg is None and merged is not None:
+        return lambda q, sk, sv, fk, fv, out, nk, nv: merged(q, fk, fv, out, nk, nv)
+    suf = bind_suffix(False)
     mrg = merge.bind_merge_partials(o_part, lse_part, plan.row_slot_off, plan.suffix.slot0, plan.suffix.n_splits, out)
-    if merged:
-        return lambda q, sk, sv, fk, fv, out, nk, nv: suf(q, fk, fv, out, nk, nv)
     if seg is None:
         return lambda q, sk, sv, fk, fv, out, nk, nv: (suf(q, fk, fv, out, nk, nv), mrg(out))
     side = side_stream(q.device)
@@ -66,8 +74,11 @@ def _bind_layer(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: float
     def launch(q, sk, sv, fk, fv, out, nk, nv):
         if not torch.cuda.is_current_stream_capturing():  # eager: one stream (see the module docstring)
             seg(q, sk, sv)
-            suf(q, fk, fv, out, nk, nv)
-            mrg(out)
+            if merged is not None:
+                merged(q, fk, fv, out, nk, nv)
+            else:
+                suf(q, fk, fv, out, nk, nv)
+                mrg(out)
             return
         main = torch.cuda.current_stream()
         fork.record(main)  # the side stream waits for q (and for the previous layer's merge of the partials)

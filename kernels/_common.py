@@ -83,17 +83,25 @@ def finish_softmax(acc, m_i, l_i):
 
 
 @triton.jit
-def merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
-    """Fold the partial at o_slot/lse_slot (its slot's base pointers; o_off [H, D] and lse_off [H] element
-    offsets inside the slot) into the running (acc [H, D], m_i [H] natural-log max, den [H]); the merged
-    output is acc / den."""
-    lse = tl.load(lse_slot + lse_off, mask=mask_h, other=float("-inf"))
-    o = tl.load(o_slot + o_off, mask=mask_hd, other=0.0)
+def merge_step(o, lse, acc, m_i, den):
+    """Fold one partial (o [H, D] float32, normalised; lse [H] natural-log, -inf for no keys) into the running
+    (acc [H, D], m_i [H] natural-log max, den [H]), which starts at (0, -inf, 0); the merged output is
+    acc / den (0 where den is 0). Every merge of partials (merge.py, and suffix_attention_merged's epilogue) goes
+    through this one function from that start, so equal partials folded in equal order give equal bits."""
     m_new = tl.maximum(m_i, lse)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m_i - m_use)
     w = tl.exp(lse - m_use)
     return acc * alpha[:, None] + w[:, None] * o, m_new, den * alpha + w
+
+
+@triton.jit
+def merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
+    """:func:`merge_step` with the partial at o_slot/lse_slot (its slot's base pointers; o_off [H, D] and
+    lse_off [H] element offsets inside the slot)."""
+    lse = tl.load(lse_slot + lse_off, mask=mask_h, other=float("-inf"))
+    o = tl.load(o_slot + o_off, mask=mask_hd, other=0.0)
+    return merge_step(o, lse, acc, m_i, den)
 
 
 FAST_LAUNCH = True  # tests switch it off to count the variants Triton itself would compile

@@ -9,7 +9,10 @@ Tensors (R rows, Q query tokens, Hq query heads, D head dim, P partial slots):
     out           [R, Q, Hq, D]  model dtype, any strides (last dim contiguous): written in full.
 
 out = sum_j exp(lse_j - M) o_j / sum_j exp(lse_j - M) with M = max_j lse_j, in float32; a query whose
-partials are all -inf gets 0 (never NaN).
+partials are all -inf gets 0 (never NaN). The kernel folds a row's suffix splits first, then its segment
+partials, each with _common.merge_step from the empty state: with one suffix split, the order and arithmetic of
+suffix_attention_merged's epilogue, so both give bitwise-identical outputs (forest.py runs the one in eager
+layers and the other in captured ones).
 """
 
 import torch
@@ -57,11 +60,12 @@ def _merge_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     den = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
-        acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
-                                    acc, m_i, den)
+    # Suffix splits first, then segment partials: suffix_attention_merged's order (see the module docstring).
     for j in range(0, n_suffix):
         p = slot0 + j * R + r
+        acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
+                                    acc, m_i, den)
+    for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
         acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
                                     acc, m_i, den)
     res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)

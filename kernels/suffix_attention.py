@@ -24,10 +24,11 @@ That saves the cache's own write (two launches per layer).
 With one split, :func:`suffix_attention_merged` also does the merge (see merge.py) in the same program: it
 folds the row's segment partials (slots [row_slot_off[r], row_slot_off[r + 1]), written by an earlier
 launch) into its own result and writes out [R, Q, Hq, D] (model dtype, any strides, last dim contiguous),
-saving the merge launch and the suffix partials' round trip. Both launchers run the same compiled variant
-(the merge is a runtime switch), so a decode that starts or stops splitting compiles nothing new. forest.py
-uses it for layers without shared segments; with them it launches the segment kernel, this one without the
-merge, then the merge kernel (the first two side by side in a CUDA graph).
+saving the merge launch and the suffix partials' round trip; its output is bitwise that of the merge kernel
+over the same partials (same order, same arithmetic). Both launchers run the same compiled variant (the merge
+is a runtime switch), so a decode that starts or stops splitting compiles nothing new. forest.py uses it for
+one-split layers, except in a CUDA graph with shared segments: there the segment kernel runs beside this one
+without the merge, and the merge kernel follows.
 """
 
 from typing import NamedTuple
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, log2_scale, merge_slot,
-                      stride_unit)
+                      merge_step, stride_unit)
 from .merge import merge_partials_reference
 
 
@@ -196,11 +197,15 @@ def _suffix_attention_kernel(
     o_op = s_op.to(tl.int64) * STRIDE_UNIT
     l_op = s_lp.to(tl.int64) * STRIDE_UNIT
     if merge != 0:
-        den = tl.where(lse == float("-inf"), 0.0, 1.0)
+        # This result first, then the row's segment partials, each folded by merge_step from the empty state: the
+        # merge kernel's order and arithmetic (merge.py), so that both give the same bits.
+        acc, m_i, den = merge_step(o, lse, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                                   tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                                   tl.zeros([BLOCK_M], dtype=tl.float32))
         for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
-            o, lse, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_in[:, None] + offs_d[None, :], lse_in,
-                                     mask_m, mask_md, o, lse, den)
-        res = tl.where(den[:, None] > 0.0, o / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+            acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_in[:, None] + offs_d[None, :],
+                                       lse_in, mask_m, mask_md, acc, m_i, den)
+        res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
         x_off = r64 * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + hq * (s_xh * STRIDE_UNIT)
         tl.store(out_ptr + x_off[:, None] + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=mask_md)
     else:

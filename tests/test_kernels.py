@@ -242,13 +242,16 @@ def check_forest(f: Forest, plan, dtype):
     assert err <= limit, f"kernel pipeline error {err:.3g} > {limit:.3g}"
 
     # One split: the suffix kernel merging the segment partials itself, never reading (nor writing) the
-    # suffix slots; its reference, exact in float64.
+    # suffix slots, bit for bit the merge kernel's output (what eager and captured layers rely on, forest.py);
+    # its reference, exact in float64.
     if suf.n_splits == 1:
         o_m, lse_m = o_part.clone(), lse_part.clone()
         o_m[suf.slot0:], lse_m[suf.slot0:] = float("nan"), float("nan")
         out_m = torch.full((R, Hq, Q, D), float("nan"), dtype=dtype, device=dev).transpose(1, 2)
         suffix_attention_merged(f.q, f.suf_k, f.suf_v, suf, o_m, lse_m, row_slot_off, out_m, sm_scale)
         assert torch.isnan(o_m[suf.slot0:]).all() and torch.isnan(lse_m[suf.slot0:]).all()
+        assert torch.equal(out_m.contiguous().view(torch.uint8), out.contiguous().view(torch.uint8)), \
+            "the merged suffix kernel and the merge kernel differ"
         err_m = rel_err(out_m, truth)
         assert err_m <= limit, f"merged suffix kernel error {err_m:.3g} > {limit:.3g}"
         o_ref, lse_ref = run_partials(f, plan, kernels=False, dtype=torch.float64)

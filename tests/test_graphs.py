@@ -159,8 +159,8 @@ def test_eos_rows_padded_stopped_and_skipped(model, at, logits):
 
 
 def test_scores_and_logits_equal_eager_loop(model, monkeypatch):
-    """... and the output holds our cache under the field name of the installed transformers, without the
-    deprecation warning that 5.24 logs for the old name ``past_key_values``."""
+    """Scores and logits of our decode loop equal transformers' eager loop; the output holds our cache under the
+    field name of the installed transformers, without the deprecation warning 5.24 logs for ``past_key_values``."""
     from transformers.utils import generic
 
     ids, mask = tree_batch(seed=8)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 import flashforge_hf
 from flashforge_hf import cli
 from flashforge_hf.bench_generate import STOCK, stop_ids, compare, generated_ids, run_generate
-from flashforge_hf.models import encode
+from flashforge_hf.models import decode_texts, encode
 
 # The repository's checkout and the shared data sit side by side: <root>/main (this repo) and <root>/shared.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -77,7 +77,7 @@ def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[st
         print(f"{len(prompts)} prompts in batches of {args.batch_size}: stock {stock_s:.1f} s "
               f"({tokens['stock'] / stock_s:.1f} tokens/s); flashforge {ours_s:.1f} s "
               f"({tokens['flashforge'] / ours_s:.1f} tokens/s), the few-shot prefix prefilled once for the run")
-    texts = {mode: tokenizer.batch_decode(rows, skip_special_tokens=True) for mode, rows in new.items()}
+    texts = {mode: decode_texts(tokenizer, rows) for mode, rows in new.items()}
     score = {mode: sum(bool(is_correct(t, g)) for t, g in zip(texts[mode], golds)) for mode in texts}
     identical = sum(a == b for a, b in zip(new["stock"], new["flashforge"]))
     if args.verbose:

@@ -20,7 +20,7 @@ from common import SHARED_DATA, load_records
 
 from flashforge_hf import cli
 from flashforge_hf.bench_generate import compare
-from flashforge_hf.models import encode
+from flashforge_hf.models import decode_texts, encode
 
 TASKS = ("coursera", "financial_qa", "legal_contract_qa", "multidoc_qa")
 PROMPT = "{document}\n\nAnswer the question about the document above briefly.\nQuestion: {question}"
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     print(f"{args.task} document {args.doc_index}: {len(questions)} questions, prompts of up to {ids.shape[1]} tokens")
     stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **cli.decoding(args),
                           max_new_tokens=args.max_new_tokens, do_sample=False)
-    texts = [tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)]
+    texts = [decode_texts(tokenizer, run.new_ids) for run in (stock, ours)]
     for i, (question, reference) in enumerate(zip(questions, references)):
         print(f"\nQ{i + 1}: {question.strip()[:300]}\n   reference:  {reference.strip()[:300]}")
         print(f"   stock:      {texts[0][i].strip()}\n   flashforge: {texts[1][i].strip()}")

@@ -20,7 +20,7 @@ from common import read_records
 
 from flashforge_hf import cli
 from flashforge_hf.bench_generate import compare
-from flashforge_hf.models import encode
+from flashforge_hf.models import decode_texts, encode
 
 SYSTEM = (
     "You are an assistant that can call tools. The tools are described below as JSON schemas. To call a tool, "
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     print(f"{len(tools)} tools, {len(requests)} requests, prompts of up to {ids.shape[1]} tokens")
     stock, ours = compare(model, ids, mask, warmup=not args.no_warmup, **cli.decoding(args),
                           max_new_tokens=args.max_new_tokens, do_sample=False)
-    texts = [tokenizer.batch_decode(run.new_ids, skip_special_tokens=True) for run in (stock, ours)]
+    texts = [decode_texts(tokenizer, run.new_ids) for run in (stock, ours)]
     for i, request in enumerate(requests):
         print(f"\n{i + 1}. {request}")
         for mode, text in zip(("stock", "flashforge"), texts):

@@ -16,7 +16,7 @@ import torch
 
 from . import bench_generate as bg
 from . import demo_prompts
-from .models import ModelUnavailable, encode, load_model, load_tokenizer, resolve_device, resolve_dtype, smollm2_path
+from .models import ModelUnavailable, decode_texts, encode, load_model, load_tokenizer, resolve_device, resolve_dtype, smollm2_path
 
 
 # ---- shared by the subcommands and the examples ----------------------------------------------------------------
@@ -95,7 +95,7 @@ def cmd_demo(args) -> int:
     if not chat:  # plain few-shot text: the model would go on with the next "Q:" block
         gen.update(stop_strings=["\nQ:"], tokenizer=tokenizer)
     stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, **decoding(args), **gen)
-    texts = {label: tokenizer.batch_decode(run.new_ids, skip_special_tokens=True)
+    texts = {label: decode_texts(tokenizer, run.new_ids)
              for label, run in (("stock", stock), ("flashforge", ours))}  # ours.mode names the --cuda-graph setting
     for i, (question, expected) in enumerate(questions):
         print(f"\nQ{i + 1}: {question}  (expected {expected})")
@@ -154,7 +154,7 @@ def cmd_generate(args) -> int:
                 ours = bg.run_generate(model, ids, mask, mode, seed=args.seed, progress=True, **gen)
                 print(f"batch of {len(batch)}: {ours.generated_tokens} tokens in {ours.total_s:.2f} s "
                       f"(TTFT {ours.ttft_s * 1e3:.0f} ms, {ours.tokens_per_s:.1f} tokens/s)", file=sys.stderr)
-            texts = tokenizer.batch_decode(ours.new_ids, skip_special_tokens=True)
+            texts = decode_texts(tokenizer, ours.new_ids)
             for row, (pid, _) in enumerate(batch):
                 record = {"id": pid, "text": texts[row], "token_ids": ours.new_ids[row]}
                 if args.stock:

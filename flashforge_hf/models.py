@@ -118,6 +118,13 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def decode_texts(tokenizer, rows) -> list[str]:
+    """Text of each row of generated token ids (lists of ints), special tokens dropped, without the clean-up of
+    spaces before punctuation: transformers (5.17 and 5.24) skips that step for BPE tokenizers anyway, but warns
+    when the tokenizer's config asks for it, as the config that 5.17 writes for the converted SmolLM2 does."""
+    return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def encode(tokenizer, prompts: list, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``(input_ids, attention_mask)`` of ``prompts`` on ``device``.
 

@@ -96,6 +96,12 @@ def merge_step(o, lse, acc, m_i, den):
 
 
 @triton.jit
+def merge_result(acc, den):
+    """The merged output [H, D] float32 of a :func:`merge_step` fold: acc / den, 0 where no partial saw a key."""
+    return tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+
+
+@triton.jit
 def merge_slot(o_slot, lse_slot, o_off, lse_off, mask_h, mask_hd, acc, m_i, den):
     """:func:`merge_step` with the partial at o_slot/lse_slot (its slot's base pointers; o_off [H, D] and
     lse_off [H] element offsets inside the slot)."""

@@ -10,16 +10,16 @@ Tensors (R rows, Q query tokens, Hq query heads, D head dim, P partial slots):
 
 out = sum_j exp(lse_j - M) o_j / sum_j exp(lse_j - M) with M = max_j lse_j, in float32; a query whose
 partials are all -inf gets 0 (never NaN). The kernel folds a row's suffix splits first, then its segment
-partials, each with _common.merge_step from the empty state: with one suffix split, the order and arithmetic of
-suffix_attention_merged's epilogue, so both give bitwise-identical outputs (forest.py runs the one in eager
-layers and the other in captured ones).
+partials, each with _common.merge_step from the empty state, then _common.merge_result: with one suffix split,
+the order and arithmetic of suffix_attention_merged's epilogue, so both give bitwise-identical outputs
+(forest.py runs the one in eager layers and the other in captured ones).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelLauncher, block_d, merge_slot, stride_unit
+from ._common import KernelLauncher, block_d, merge_result, merge_slot, stride_unit
 
 
 def merge_partials_reference(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suffix: int, out) -> None:
@@ -68,7 +68,7 @@ def _merge_kernel(
     for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
         acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_off, lse_off, mask_h, mask_hd,
                                     acc, m_i, den)
-    res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+    res = merge_result(acc, den)
     x_off = r.to(tl.int64) * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + offs_h[:, None] * (s_xh * STRIDE_UNIT)
     tl.store(out_ptr + x_off + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=mask_hd)
 

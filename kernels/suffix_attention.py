@@ -37,8 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, log2_scale, merge_slot,
-                      merge_step, stride_unit)
+from ._common import (KernelLauncher, attend_keys, block_d, dot_precision, finish_softmax, log2_scale, merge_result,
+                      merge_slot, merge_step, stride_unit)
 from .merge import merge_partials_reference
 
 
@@ -205,7 +205,7 @@ def _suffix_attention_kernel(
         for p in range(tl.load(off_ptr + r), tl.load(off_ptr + r + 1)):
             acc, m_i, den = merge_slot(o_ptr + p * o_op, lse_ptr + p * l_op, o_in[:, None] + offs_d[None, :],
                                        lse_in, mask_m, mask_md, acc, m_i, den)
-        res = tl.where(den[:, None] > 0.0, acc / tl.where(den > 0.0, den, 1.0)[:, None], 0.0)
+        res = merge_result(acc, den)
         x_off = r64 * (s_xr * STRIDE_UNIT) + t * (s_xt * STRIDE_UNIT) + hq * (s_xh * STRIDE_UNIT)
         tl.store(out_ptr + x_off[:, None] + offs_d[None, :], res.to(out_ptr.dtype.element_ty), mask=mask_md)
     else:

@@ -83,21 +83,26 @@ def test_tool_use(tiny_model):
     assert "identical token ids: yes" in result.stdout
 
 
+def _agreement(model: str, tmp_path, *extra: str) -> dict:
+    """benchmarks/agreement.py on 2 GSM8K prompts on the CPU (with ``extra`` arguments): its JSON result."""
+    import json
+
+    out = tmp_path / "agreement.json"
+    script = EXAMPLES.parent / "benchmarks" / "agreement.py"
+    result = subprocess.run([sys.executable, str(script), "--model", model, "--device", "cpu", "--limit", "2", *extra,
+                             "--data", str(DATA / "gsm8k" / "test.jsonl"),
+                             "--exemplars", str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
 @needs_data
 def test_agreement_benchmark(tiny_model, tmp_path):
     """benchmarks/agreement.py on a tiny model (CPU, bf16): every method reported, every share in [0, 1], stock
     in one batch of 8 equal to stock (tokens aligned), logit errors in (0, 1) (bf16 against fp32), transformers'
     eager loop with our cache against our own decode (CUDA-only compiled rows absent)."""
-    import json
-
-    out = tmp_path / "agreement.json"
-    script = EXAMPLES.parent / "benchmarks" / "agreement.py"
-    result = subprocess.run([sys.executable, str(script), "--model", tiny_model, "--device", "cpu", "--limit", "2",
-                             "--data", str(DATA / "gsm8k" / "test.jsonl"),
-                             "--exemplars", str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"), "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    r = json.loads(out.read_text())
+    r = _agreement(tiny_model, tmp_path)
     assert r["rows"] == 2 and r["tokens"] == 16
     assert set(r["greedy_agreement_with_stock"]) == {"stock (eager attention)", "flashforge", "flashforge eager loop",
                                                      "stock (sdpa), batches of 8", "stock (sdpa), one prompt at a time"}
@@ -117,16 +122,7 @@ def test_agreement_benchmark_float32(tiny_model, tmp_path):
     """benchmarks/agreement.py --dtype float32 on a tiny model (CPU): without bf16 rounding our default decode and
     transformers' eager loop with our cache give stock's 16 greedy tokens on every row, and stock's logits are the
     fp32 reference itself (error 0), ours within float32 rounding of them."""
-    import json
-
-    out = tmp_path / "agreement.json"
-    script = EXAMPLES.parent / "benchmarks" / "agreement.py"
-    result = subprocess.run([sys.executable, str(script), "--model", tiny_model, "--device", "cpu", "--limit", "2",
-                             "--dtype", "float32", "--data", str(DATA / "gsm8k" / "test.jsonl"),
-                             "--exemplars", str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"), "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    r = json.loads(out.read_text())
+    r = _agreement(tiny_model, tmp_path, "--dtype", "float32")
     assert r["dtype"] == "float32"
     assert r["greedy_agreement_with_stock"]["flashforge"] == 1.0
     assert r["greedy_agreement_with_stock"]["flashforge eager loop"] == 1.0

@@ -28,8 +28,13 @@ Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_stat
 (no growth) and makes each forward pass write its one new token per row at column ``end - 1`` and attend up to
 ``end`` (int32 [1], device; the suffix kernel itself writes the token, see forest_attention's ``new_kv``); the
 caller advances ``end`` on the device after each step, and picks the plan with
-:meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket), so that one captured CUDA
-graph replays every step of a bucket.
+:meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket, see :func:`bucket_bound`),
+so that one captured CUDA graph replays every step of a bucket.
+
+Decoding outside static mode (transformers' own loop) runs the same way: a forward pass of one token per row hands
+the token to the attention, which writes it (no copy of its own), and takes the plan of its bucket (one plan
+per bucket, reused by its steps, so they neither plan nor bind launches again). Its steps therefore run the
+kernels of the static steps with the same plans, and give the same results.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ from .planner import ForestPlan, make_plan, plan_forward, plan_suffix_splits, se
 from .prefix_tree import Forest
 
 ATTN_IMPLEMENTATION = "flashforge"
+MIN_BUCKET = 256  # columns: the smallest bucket bound of decode plans
+
+
+def bucket_bound(end: int, capacity: int) -> int:
+    """The bound of the bucket holding suffix end ``end``: the next power of two >= end (at least
+    :data:`MIN_BUCKET`), capped at ``capacity``; ``end`` itself past the capacity (buffers grown by an eager loop
+    that was not told ``max_new_tokens``)."""
+    if end > capacity:
+        return end
+    bound = MIN_BUCKET
+    while bound < end:
+        bound *= 2
+    return min(bound, capacity)
 
 
 class PrefixSharingLayer(CacheLayerMixin):
@@ -186,7 +204,7 @@ class PrefixSharingCache(Cache):
         self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
         self.static = False  # static decoding (see the module docstring)
         self._static_bound = 0
-        self._static_plans: dict = {}
+        self._decode_plans: dict = {}  # the current bucket's plan of one-token forward passes (see _plan_for)
 
     # ---- what generate asks -------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -271,7 +289,9 @@ class PrefixSharingCache(Cache):
             layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
             layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
             suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
-        elif self.static:  # one token per row at column end - 1, written by the attention (CUDA-graph safe)
+        elif self.static or key_states.shape[2] == 1:  # one token per row at column end - 1, written by the attention
+            if not self.static:
+                self._ensure_storage(layer, key_states)
             suf_k, suf_v, new_kv = layer.suf_k, layer.suf_v, (key_states, value_states)
         else:
             self._ensure_storage(layer, key_states)
@@ -365,16 +385,18 @@ class PrefixSharingCache(Cache):
                 self._seg_plan_cache[key] = segment_part(
                     [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, Hkv, D, itemsize, self.device
                 )
-            if self.static:  # one plan per bucket, made for its largest end
+            # One token per row (static or not): one plan per bucket, made for its largest end and reused by its
+            # steps; so a step of transformers' loop runs the plan the static step at that end runs.
+            one = self.static or Q == 1
+            if self.static:
                 bound = self._static_bound
-                plan = self._static_plans.get(bound)
-                if plan is None:
-                    plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, bound, Q, Hkv,
-                                        self.device)
-                    self._static_plans = {bound: plan}  # the buckets only grow: earlier plans are done with
             else:
-                plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, self._write_hi, Q, Hkv,
-                                    self.device)
+                bound = bucket_bound(self._write_hi, self.capacity) if one else self._write_hi
+            plan = self._decode_plans.get((bound, key)) if one else None
+            if plan is None:
+                plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, bound, Q, Hkv, self.device)
+                if one:
+                    self._decode_plans = {(bound, key): plan}  # the buckets only grow: earlier plans are done with
         plan.workspace = self._workspace
         self._plan = plan
         return self._plan_on(plan, query.device)
@@ -431,7 +453,7 @@ class PrefixSharingCache(Cache):
                                                                   layer.seg_k.shape[2]))
         self.static = True
         self._end.fill_(self.cursor + 1)
-        self._static_plans = {}
+        self._decode_plans = {}
 
     def set_static_bound(self, bound: int) -> None:
         """Plan the static forwards for every ``end`` up to ``bound`` (at most the capacity)."""
@@ -453,7 +475,7 @@ class PrefixSharingCache(Cache):
     def end_static(self, cursor: int) -> None:
         """Leave static decoding with ``cursor`` columns written (the host count of the static steps)."""
         self.static = False
-        self._static_plans = {}
+        self._decode_plans = {}
         self.cursor = cursor
         self._end.fill_(cursor)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +13,7 @@ from . import graphs
 from .cache import ATTN_IMPLEMENTATION, PrefixSharingCache
 from .compat import model_cache_kwarg
 from .prefix_tree import build_forest
+from .projections import fused_qkv
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -336,9 +338,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ``return_dict_in_generate`` needs a single batch.
 
     ``cuda_graph``: decode by replaying one CUDA graph per step (:mod:`flashforge_hf.graphs`: the host cost of a
-    step no longer grows with the layers; same tokens as the eager loop). None (default): on CUDA for greedy and
-    sampling with ``max_new_tokens`` known, otherwise transformers' eager loop (said once, with the reason);
-    True: required (raises when it cannot apply); False: transformers' eager loop.
+    step no longer grows with the layers). None (default): on CUDA for greedy and sampling with ``max_new_tokens``
+    known, otherwise transformers' eager loop (said once, with the reason); True: required (raises when it cannot
+    apply); False: transformers' eager loop. Both loops run the same kernels with the same plans and the same
+    fused q/k/v projections, so on one card they give the same tokens and logits, bit for bit.
 
     ``compile``: run each decode step through ``torch.compile`` before capturing it, which fuses the model's
     non-attention work (norms, rotary embedding, activations, residuals) into a few kernels per layer: a faster
@@ -368,9 +371,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     kw = model_cache_kwarg(model)
     if policy is not None:
         kwargs = graphs.decode_kwargs(model, kwargs, **policy)
+
+    def decoding():  # transformers' eager loop runs with q/k/v fused as our static loop does (graphs.GraphDecoder):
+        # same GEMMs, and the cache gives its steps the static steps' plans: both loops give the same results.
+        return fused_qkv(model) if policy is None else nullcontext()
+
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
-        return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache}, **kwargs)
+        with decoding():
+            return model.generate(input_ids=input_ids, attention_mask=mask.to(input_ids.dtype), **{kw: cache},
+                                  **kwargs)
     if gc.return_dict_in_generate:
         raise NotImplementedError(
             f"return_dict_in_generate needs all {B} prompts in one batch, but {per_batch} fit: pass a larger "
@@ -383,8 +393,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         b1 = min(B, b0 + per_batch)
         cache = _prefilled_cache(model, forest.select(list(range(b0 * copies, b1 * copies))), width, max_new,
                                  input_ids.device, segments=segments)
-        outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
-                                   **{kw: cache}, **kwargs))
+        with decoding():
+            outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
+                                       **{kw: cache}, **kwargs))
     pad = gc.pad_token_id
     if pad is None:
         eos = gc.eos_token_id

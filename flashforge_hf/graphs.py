@@ -8,8 +8,8 @@ How it stays valid as the suffixes grow. The cache runs in static mode (see cach
 allocated for prompt + ``max_new_tokens`` up front and never move; the suffix kernel reads where the suffixes end
 from device memory and stores each step's token at the last column itself; the positions and the end are
 advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
-blocks) is made for the largest end of a bucket: bucket bounds are powers of two from 256 columns up, capped at
-the capacity, so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
+blocks) is made for the largest end of a bucket (cache.bucket_bound: powers of two from 256 columns up, capped at
+the capacity), so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
 first step of a bucket whose plan differs from the previous one's runs eagerly with the new plan (it also
 compiles what the graph needs), and the graph is captured right after it; where the plan stays the same (no
 suffix splits: batches that fill the card, e.g. 17 rows or more of Llama-3-8B on an H100) the graph goes on
@@ -45,11 +45,10 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
                           MinNewTokensLengthLogitsProcessor, StoppingCriteriaList, StopStringCriteria)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import PrefixSharingCache
+from .cache import PrefixSharingCache, bucket_bound
 from .compat import model_cache_kwarg, output_cache_field
 from .projections import fused_qkv
 
-MIN_BUCKET = 256  # columns: the smallest bucket bound
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
 
 
@@ -58,15 +57,6 @@ def several_processes() -> bool:
     holds collectives, so every rank must run the same steps)."""
     return (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1)
-
-
-def bucket_bound(end: int, capacity: int) -> int:
-    """The bound of the bucket holding suffix end ``end``: the next power of two >= end (at least
-    :data:`MIN_BUCKET`), capped at ``capacity``."""
-    bound = MIN_BUCKET
-    while bound < end:
-        bound *= 2
-    return min(bound, capacity)
 
 
 class GraphDecoder:

@@ -6,7 +6,7 @@ on an H100 at 64 rows: 6.2 us each for 8.4 MB, about 45% of it; plus a split-K r
 projection into one [q + k + v, hidden] GEMM they stream at the big GEMMs' rate.
 
 :func:`fused_qkv` does this in place for the duration of a ``with`` block (graphs.GraphDecoder holds it for its
-decode): the three weights (and biases) move into one buffer, of which the modules' parameters become views (no
+decode, and flashforge_hf.generate around transformers' eager loop, so that both loops run the same GEMMs): the three weights (and biases) move into one buffer, of which the modules' parameters become views (no
 extra memory once the old storages are freed; one layer's worth while moving), and the three ``nn.Linear``
 modules are swapped for projections that share one GEMM per input: whichever of q/k/v is called first on a
 hidden-states tensor computes all three, the others return their slice. On exit the parameters get storages of

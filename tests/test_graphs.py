@@ -12,7 +12,8 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
                           MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper)
 
 import flashforge_hf
-from flashforge_hf import graphs
+from flashforge_hf import cache as cache_module
+from flashforge_hf import generation, graphs, planner
 from flashforge_hf.compat import output_cache_field
 from tiny_models import load, save_tiny, tree_batch
 
@@ -24,7 +25,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_buckets(monkeypatch):
-    monkeypatch.setattr(graphs, "MIN_BUCKET", 4)
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 4)
 
 
 def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
@@ -39,9 +40,41 @@ def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
 
 
 def test_bucket_bounds(monkeypatch):
-    monkeypatch.setattr(graphs, "MIN_BUCKET", 256)
-    assert [graphs.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)] == [256, 256, 512, 512, 1000, 1000]
-    assert graphs.bucket_bound(5, 100) == 100
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
+    assert [cache_module.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)] == [256, 256, 512, 512, 1000, 1000]
+    assert cache_module.bucket_bound(5, 100) == 100
+    assert cache_module.bucket_bound(1001, 1000) == 1001  # past the capacity (an eager loop's grown buffers)
+
+
+def _halves(num_rows, num_kv_heads, end, q_len, device, device_model=None):
+    """Suffix plans of two splits whose boundary depends on the plan's bound: a step planned for another bound
+    than the static step's merges other partials (fp32 logits differ in the last bits)."""
+    return (-(-end // 2), 2) if end > 8 else (planner.ONE_SPLIT, 1)
+
+
+@pytest.mark.parametrize("splits", ["planner", "halves"])
+def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits):
+    """flashforge_hf.generate with cuda_graph=False (transformers' loop) against our static loop: logits and tokens
+    bit for bit over 40 steps and 3 buckets. transformers' one-token steps get the bucket's plan (one per bucket,
+    made once: the planner runs once per bucket, not per step) and hand the token to the attention. With plans of
+    two splits sized by the bound, planning the eager steps for their own end instead fails this."""
+    if splits == "halves":
+        monkeypatch.setattr(planner, "plan_suffix_splits", _halves)
+        monkeypatch.setattr(cache_module, "plan_suffix_splits", _halves)
+    planned = []
+    real_plan_forward = cache_module.plan_forward
+    monkeypatch.setattr(cache_module, "plan_forward", lambda *a: planned.append(a[3]) or real_plan_forward(*a))
+    ids, mask = tree_batch(seed=3)
+    kw = dict(max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True, min_shared_tokens=4)
+    eager = flashforge_hf.generate(model, ids, mask, cuda_graph=False, **kw)
+    cache = getattr(eager, output_cache_field(type(eager)))
+    bounds, planned[:] = list(planned), []
+    assert bounds[1:] == [16, 32, cache.capacity], bounds  # the suffixes' prefill, then one plan per bucket
+    monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
+    static = flashforge_hf.generate(model, ids, mask, **kw)
+    assert planned == bounds
+    assert torch.equal(eager.sequences, static.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(eager.logits, static.logits, strict=True))
 
 
 def test_greedy_over_buckets_equals_eager_loop(model):
@@ -280,7 +313,7 @@ def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
     not a constant), and a second call with other lengths compiles nothing new. fp32: same tokens as SDPA."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(graphs, "MIN_BUCKET", 256)
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
     sdpa = load(model.name_or_path, "sdpa")
     before = counters["stats"]["unique_graphs"]
     for seed, new in ((11, 10), (12, 17)):

@@ -52,7 +52,7 @@ def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, comp
     (compiled: graph replay of the compiled step against the same compiled step run eagerly). The planner does not
     split these suffixes (few rows, short suffixes), so one graph serves every bucket; with splits every 16
     columns each bucket's plan differs and is captured anew."""
-    monkeypatch.setattr(graphs, "MIN_BUCKET", 16)
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
     if splits == "every_16":
         monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
         monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
@@ -85,19 +85,54 @@ def test_graph_eos_rows_and_stop(model):
     assert outs[1].sequences.shape[1] == ids.shape[1] + max(at) + 1
 
 
-def test_captures_bounded_and_close_to_eager_transformers_loop(model):
+def _generate(model, ids, mask, cuda_graph, seed=None, **kw):
+    """flashforge_hf.generate with logits: CUDA graphs (None, the default) or transformers' loop (False)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    graphs.last_stats.clear()
+    out = flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, cuda_graph=cuda_graph, progress=False,
+                                 return_dict_in_generate=True, output_logits=True, **kw)
+    return out, dict(graphs.last_stats)
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(a.logits) == len(b.logits) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+def test_captures_bounded_and_equal_to_eager_transformers_loop(model):
     """600 steps of one row: buckets 256, 512 and the capacity, each with its own suffix splits (1, 2, 3): 3
-    captures; greedy tokens agree with
-    transformers' own loop on the same cache (per-step plans: rounding may differ, so compared loosely)."""
+    captures; transformers' own loop on the same cache (flashforge_hf.generate with cuda_graph=False: the
+    bucket's plan at every step, q/k/v fused) gives the same tokens and logits, bit for bit."""
     ids, mask = shared_prefix_batch(batch=1, prefix=40)
     ids, mask = ids.cuda(), mask.cuda()
-    graph, stats = _decode(model, ids, mask, True, max_new_tokens=600, min_new_tokens=600, do_sample=False)
-    assert stats["captures"] == 3 and stats["graph_pool_bytes"] >= 0
-    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=600)
-    eager = model.generate(**inputs, **{flashforge_hf.cache_kwarg(model): cache}, max_new_tokens=600,
-                           min_new_tokens=600, do_sample=False)
-    n = ids.shape[1] + 16
-    assert torch.equal(eager[:, :n], graph.sequences[:, :n])
+    kw = dict(max_new_tokens=600, min_new_tokens=600, do_sample=False)
+    graph, stats = _generate(model, ids, mask, None, **kw)
+    assert stats["graphs"] and stats["captures"] == 3 and stats["graph_pool_bytes"] >= 0
+    eager, eager_stats = _generate(model, ids, mask, False, **kw)
+    assert eager_stats == {}  # transformers' loop ran
+    _assert_same(eager, graph)
+
+
+@pytest.mark.parametrize("splits", ["planner", "every_16"])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_eager_transformers_loop_equals_graphs(model, monkeypatch, sample, splits):
+    """flashforge_hf.generate with cuda_graph=False against the default (CUDA graphs), 120 steps over buckets of
+    16 to 128 columns and the capacity, greedy and seeded sampling, with the planner's plans and with splits every
+    16 columns (a plan per bucket): tokens and logits bit for bit."""
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
+    if splits == "every_16":
+        monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
+        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
+    for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
+        ids, mask = ids.cuda(), mask.cuda()
+        kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
+        if sample:
+            kw.update(num_return_sequences=2, top_k=40, temperature=0.9)
+        graph, stats = _generate(model, ids, mask, None, seed=3, **kw)
+        eager, eager_stats = _generate(model, ids, mask, False, seed=3, **kw)
+        assert stats["graphs"] and eager_stats == {}
+        _assert_same(eager, graph)
 
 
 def test_generate_uses_graphs_by_default_on_cuda(model):

@@ -32,7 +32,12 @@ logits, and so do we then. Off CUDA the same static steps run eagerly.
 model's own non-attention work (RMSNorm, rotary embedding, SiLU, residual adds: some 35 small kernels per layer in
 eager transformers) is fused into a few kernels per layer; the cache update and the attention stay ours (they are
 ``torch.compiler.disable``d, so the compiled code breaks around them). It costs a compilation on the first step
-of a new model or batch size (seconds to a minute), and its logits differ from the eager model's by rounding.
+of a new model or batch size (seconds to a minute). Inductor compiles with :data:`INDUCTOR_CONFIG`: its fused
+kernels round each intermediate to the model's dtype where the eager model's separate ops store it
+(``emulate_precision_casts``), so the compiled step follows the eager one's roundings; left to keep float32
+between the fused ops, its bf16 logits drift as far from the eager step's as stock's are from an fp32 model
+(measured on SmolLM2-135M, 64 GSM8K prompts, H100: relative distance 0.0153 -> 0.0054, the same 16 greedy tokens
+as the default decode on 76.6% -> 96.9% of rows, no change in step time).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .compat import model_cache_kwarg, output_cache_field
 from .projections import fused_qkv
 
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
+INDUCTOR_CONFIG = {"emulate_precision_casts": True}  # compile=True: round as the eager model does (module docstring)
 
 
 def several_processes() -> bool:
@@ -100,7 +106,8 @@ class GraphDecoder:
         if self.compiled is None:
             out = self.model(**kw)
         else:  # every layer is one code object: its index must not be a compile-time constant (one compile, not 32)
-            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
+                    torch._inductor.config.patch(INDUCTOR_CONFIG):
                 out = self.compiled(**kw)
         self.logits.copy_(out.logits[:, -1])
         self.pos += 1

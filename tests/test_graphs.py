@@ -1,9 +1,9 @@
 """The static decode loop of flashforge_hf.graphs on the CPU: the same steps a CUDA graph replays, run eagerly.
 
-Each test compares against transformers' own loop (``_sample``) on the same PrefixSharingCache (eager plans per
-step), over several plan buckets (MIN_BUCKET shrunk to 4 columns), so the device-side end, the bucket plans,
-the deferred stop check, early-finished rows and the trimming are exercised without a GPU. tests/gpu/ checks
-graph replay against these eager static steps on CUDA.
+Each test compares against transformers' own loop (``_sample``) on the same PrefixSharingCache (whose one-token
+steps take their bucket's plan too), over several plan buckets (MIN_BUCKET shrunk to 4 columns), so the device-side
+end, the bucket plans, the deferred stop check, early-finished rows and the trimming are exercised without a GPU.
+tests/gpu/ checks graph replay against these eager static steps on CUDA.
 """
 
 import pytest

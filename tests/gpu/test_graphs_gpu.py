@@ -40,49 +40,8 @@ def _decode(model, ids, mask, graph: bool, seed=None, processors=(), logits=True
 
 
 def _split_every_16(num_rows, num_kv_heads, end, q_len, device, device_model=None):
-    """A suffix plan that splits every 16 columns: every bucket of the test below gets a plan of its own."""
+    """A suffix plan that splits every 16 columns: every bucket of the bucket tests gets a plan of its own."""
     return (16, -(-end // 16)) if end > 16 else (planner.ONE_SPLIT, 1)
-
-
-@pytest.mark.parametrize("splits", ["planner", "every_16"])
-@pytest.mark.parametrize("compile", [False, True], ids=["plain", "compiled"])
-@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
-def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, compile, splits):
-    """120 steps over buckets of 16, 32, 64, 128 columns (and the capacity): tokens and logits bitwise equal
-    (compiled: graph replay of the compiled step against the same compiled step run eagerly). The planner does not
-    split these suffixes (few rows, short suffixes), so one graph serves every bucket; with splits every 16
-    columns each bucket's plan differs and is captured anew."""
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
-    if splits == "every_16":
-        monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
-        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
-    for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
-        ids, mask = ids.cuda(), mask.cuda()
-        kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
-        if sample:
-            kw.update(num_return_sequences=2, top_k=40, temperature=0.9)
-        eager, eager_stats = _decode(model, ids, mask, False, seed=3, compile=compile, **kw)
-        graph, stats = _decode(model, ids, mask, True, seed=3, compile=compile, **kw)
-        assert eager_stats["captures"] == 0 and stats["graphs"] and stats["compiled"] == compile
-        if splits == "planner":
-            assert stats["captures"] == 1, stats
-        else:
-            assert 3 <= stats["captures"] <= 6, stats
-        assert torch.equal(eager.sequences, graph.sequences)
-        for a, b in zip(eager.logits, graph.logits):
-            assert torch.equal(a, b)
-
-
-def test_graph_eos_rows_and_stop(model):
-    """Rows finishing at different steps (their suffix attention skipped), the loop stopping once all have."""
-    ids, mask = tree_batch(seed=2)
-    ids, mask = ids.cuda(), mask.cuda()
-    at = [30, 2, 17, 0, 45, 9, 3, 28]
-    eos = model.generation_config.eos_token_id
-    outs = [_decode(model, ids, mask, graph, processors=[ForceEos(at, eos, {})], max_new_tokens=80,
-                    do_sample=False, logits=False)[0] for graph in (False, True)]  # no logits: finished rows skipped
-    assert torch.equal(outs[0].sequences, outs[1].sequences)
-    assert outs[1].sequences.shape[1] == ids.shape[1] + max(at) + 1
 
 
 def _generate(model, ids, mask, cuda_graph, seed=None, **kw):
@@ -98,6 +57,51 @@ def _generate(model, ids, mask, cuda_graph, seed=None, **kw):
 def _assert_same(a, b):
     assert torch.equal(a.sequences, b.sequences)
     assert len(a.logits) == len(b.logits) and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits))
+
+
+def _bucket_cases(monkeypatch, sample: bool, splits: str):
+    """(ids, mask, generate kwargs) of the bucket tests: buckets from 16 columns up, the planner's plans or
+    splits every 16 columns; a tree batch and a shared-prefix batch, 120 steps, greedy or seeded sampling."""
+    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
+    if splits == "every_16":
+        monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
+        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
+    for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
+        kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
+        if sample:
+            kw.update(num_return_sequences=2, top_k=40, temperature=0.9)
+        yield ids.cuda(), mask.cuda(), kw
+
+
+@pytest.mark.parametrize("splits", ["planner", "every_16"])
+@pytest.mark.parametrize("compile", [False, True], ids=["plain", "compiled"])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_graph_replay_equals_eager_static_steps(model, monkeypatch, sample, compile, splits):
+    """120 steps over buckets of 16, 32, 64, 128 columns (and the capacity): tokens and logits bitwise equal
+    (compiled: graph replay of the compiled step against the same compiled step run eagerly). The planner does not
+    split these suffixes (few rows, short suffixes), so one graph serves every bucket; with splits every 16
+    columns each bucket's plan differs and is captured anew."""
+    for ids, mask, kw in _bucket_cases(monkeypatch, sample, splits):
+        eager, eager_stats = _decode(model, ids, mask, False, seed=3, compile=compile, **kw)
+        graph, stats = _decode(model, ids, mask, True, seed=3, compile=compile, **kw)
+        assert eager_stats["captures"] == 0 and stats["graphs"] and stats["compiled"] == compile
+        if splits == "planner":
+            assert stats["captures"] == 1, stats
+        else:
+            assert 3 <= stats["captures"] <= 6, stats
+        _assert_same(eager, graph)
+
+
+def test_graph_eos_rows_and_stop(model):
+    """Rows finishing at different steps (their suffix attention skipped), the loop stopping once all have."""
+    ids, mask = tree_batch(seed=2)
+    ids, mask = ids.cuda(), mask.cuda()
+    at = [30, 2, 17, 0, 45, 9, 3, 28]
+    eos = model.generation_config.eos_token_id
+    outs = [_decode(model, ids, mask, graph, processors=[ForceEos(at, eos, {})], max_new_tokens=80,
+                    do_sample=False, logits=False)[0] for graph in (False, True)]  # no logits: finished rows skipped
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert outs[1].sequences.shape[1] == ids.shape[1] + max(at) + 1
 
 
 def test_captures_bounded_and_equal_to_eager_transformers_loop(model):
@@ -120,15 +124,7 @@ def test_eager_transformers_loop_equals_graphs(model, monkeypatch, sample, split
     """flashforge_hf.generate with cuda_graph=False against the default (CUDA graphs), 120 steps over buckets of
     16 to 128 columns and the capacity, greedy and seeded sampling, with the planner's plans and with splits every
     16 columns (a plan per bucket): tokens and logits bit for bit."""
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
-    if splits == "every_16":
-        monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
-        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
-    for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
-        ids, mask = ids.cuda(), mask.cuda()
-        kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
-        if sample:
-            kw.update(num_return_sequences=2, top_k=40, temperature=0.9)
+    for ids, mask, kw in _bucket_cases(monkeypatch, sample, splits):
         graph, stats = _generate(model, ids, mask, None, seed=3, **kw)
         eager, eager_stats = _generate(model, ids, mask, False, seed=3, **kw)
         assert stats["graphs"] and eager_stats == {}

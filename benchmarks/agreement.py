@@ -76,7 +76,7 @@ def main() -> int:
         for i in range(0, len(prompts), size):
             b_ids, b_mask = encode(tokenizer, prompts[i:i + size], device)
             tokens.append(bg.run_generate(model, b_ids, b_mask, bg.STOCK, **gen).sequences[:, b_ids.shape[1]:][:, :N])
-        agree[name] = float((torch.cat(tokens) == stock.sequences[:, ids.shape[1]:][:, :N]).all(1).float().mean())
+        agree[name] = be.token_agreement(torch.cat(tokens), stock.sequences[:, ids.shape[1]:], N)
     forced = stock.sequences[:, ids.shape[1]:].to(device)
     logits = {"stock (sdpa)": be.teacher_forced(model, ids, mask, forced, ours=False),
               "flashforge": be.teacher_forced(model, ids, mask, forced, ours=True)}

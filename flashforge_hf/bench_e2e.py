@@ -260,10 +260,15 @@ def logits_check(model, wl: Workload, ids, rows: int, seed: int = 0) -> dict:
                 logits_ok=max(errs) <= 2 * err_stock + 1e-6)
 
 
+def token_agreement(a: torch.Tensor, b: torch.Tensor, n: int = FORCED) -> float:
+    """Share of rows whose first ``n`` tokens are equal in ``a`` and ``b`` (int64 [rows, >= n]: new tokens only)."""
+    return float((a[:, :n] == b[:, :n]).all(1).float().mean())
+
+
 def greedy_agreement(a: bg.Run, b: bg.Run) -> float:
+    """Share of rows whose first 16 (FORCED) new tokens are equal in two runs of the same prompts."""
     n = min(FORCED, a.steps, b.steps)
-    first = a.prompt_len
-    return float((a.sequences[:, first : first + n] == b.sequences[:, first : first + n]).all(1).float().mean())
+    return token_agreement(a.sequences[:, a.prompt_len :], b.sequences[:, b.prompt_len :], n)
 
 
 def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:

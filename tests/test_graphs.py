@@ -41,7 +41,8 @@ def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
 
 def test_bucket_bounds(monkeypatch):
     monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
-    assert [cache_module.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)] == [256, 256, 512, 512, 1000, 1000]
+    bounds = [cache_module.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)]
+    assert bounds == [256, 256, 512, 512, 1000, 1000]
     assert cache_module.bucket_bound(5, 100) == 100
     assert cache_module.bucket_bound(1001, 1000) == 1001  # past the capacity (an eager loop's grown buffers)
 

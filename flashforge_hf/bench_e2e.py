@@ -424,7 +424,7 @@ def profile_decode_step(model, wl: Workload, steps: int = 8) -> dict:
     our host time per layer per step (cache update, planning, attention launches: mean of ``steps`` steps, each
     followed by a synchronize);
     host syncs in our code (and the file:line each was issued from), cudaMalloc calls and suffix-buffer moves
-    during the steps, plans per step."""
+    during the steps, plans made per step (0 inside a bucket: its first one-token step made the bucket's plan)."""
     device = model.get_input_embeddings().weight.device
     cuda = device.type == "cuda"
     ids, _ = wl.batch(model.config.vocab_size, device)

@@ -37,7 +37,8 @@ kernels round each intermediate to the model's dtype where the eager model's sep
 (``emulate_precision_casts``), so the compiled step follows the eager one's roundings; left to keep float32
 between the fused ops, its bf16 logits drift as far from the eager step's as stock's are from an fp32 model
 (measured on SmolLM2-135M, 64 GSM8K prompts, H100: relative distance 0.0153 -> 0.0054, the same 16 greedy tokens
-as the default decode on 76.6% -> 96.9% of rows, no change in step time).
+as the default decode on 76.6% -> 96.9% of rows, no change in step time). The float32 kept between fused ops was
+a little closer to an fp32 model (error 0.0123; now 0.0152, the default decode's 0.0148, stock's 0.0153).
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ per forward pass to every other device a layer runs on, where they are reused by
 Static decoding (graphs.py): after prefill, :meth:`PrefixSharingCache.begin_static` fixes the suffix buffers
 (no growth) and makes each forward pass write its one new token per row at column ``end - 1`` and attend up to
 ``end`` (int32 [1], device; the suffix kernel itself writes the token, see forest_attention's ``new_kv``); the
-caller advances ``end`` on the device after each step, and picks the plan with
-:meth:`PrefixSharingCache.set_static_bound` (made for the largest ``end`` of a bucket, see :func:`bucket_bound`),
-so that one captured CUDA graph replays every step of a bucket.
+caller advances ``end`` on the device after each step (and ``cursor`` on the host). Each step takes the plan of
+its bucket, made for the bucket's largest ``end`` (:func:`bucket_bound`), so that one captured CUDA graph replays
+every step of a bucket.
 
 Decoding outside static mode (transformers' own loop) runs the same way: a forward pass of one token per row hands
 the token to the attention, which writes it (no copy of its own), and takes the plan of its bucket (one plan
@@ -203,7 +203,6 @@ class PrefixSharingCache(Cache):
         self._workspaces: dict = {}  # per other device: its layers' partial buffers
         self._end = torch.zeros(1, dtype=torch.int32, device=self.device)  # suffix end read by the kernel
         self.static = False  # static decoding (see the module docstring)
-        self._static_bound = 0
         self._decode_plans: dict = {}  # the current bucket's plan of one-token forward passes (see _plan_for)
 
     # ---- what generate asks -------------------------------------------------------------------------------
@@ -289,7 +288,8 @@ class PrefixSharingCache(Cache):
             layer.seg_k.index_copy_(1, dst_index, flat_k.index_select(1, src_index))
             layer.seg_v.index_copy_(1, dst_index, flat_v.index_select(1, src_index))
             suf_k, suf_v = key_states, value_states  # the new tokens are the rows' own keys in this pass
-        elif self.static or key_states.shape[2] == 1:  # one token per row at column end - 1, written by the attention
+        elif key_states.shape[2] == 1:  # one token per row (as static mode always runs): at column end - 1, written
+            # by the attention
             if not self.static:
                 self._ensure_storage(layer, key_states)
             suf_k, suf_v, new_kv = layer.suf_k, layer.suf_v, (key_states, value_states)
@@ -387,15 +387,12 @@ class PrefixSharingCache(Cache):
                 )
             # One token per row (static or not): one plan per bucket, made for its largest end and reused by its
             # steps; so a step of transformers' loop runs the plan the static step at that end runs.
-            one = self.static or Q == 1
-            if self.static:
-                bound = self._static_bound
-            else:
-                bound = bucket_bound(self._write_hi, self.capacity) if one else self._write_hi
-            plan = self._decode_plans.get((bound, key)) if one else None
+            end = self.cursor + 1 if self.static else self._write_hi  # static mode: the caller advances the cursor
+            bound = bucket_bound(end, self.capacity) if Q == 1 else end
+            plan = self._decode_plans.get((bound, key)) if Q == 1 else None
             if plan is None:
                 plan = plan_forward(self._seg_plan_cache[key], self.suffix_start, self._end, bound, Q, Hkv, self.device)
-                if one:
+                if Q == 1:
                     self._decode_plans = {(bound, key): plan}  # the buckets only grow: earlier plans are done with
         plan.workspace = self._workspace
         self._plan = plan
@@ -454,12 +451,6 @@ class PrefixSharingCache(Cache):
         self.static = True
         self._end.fill_(self.cursor + 1)
         self._decode_plans = {}
-
-    def set_static_bound(self, bound: int) -> None:
-        """Plan the static forwards for every ``end`` up to ``bound`` (at most the capacity)."""
-        if bound > self.capacity:
-            raise ValueError(f"Static bound {bound} exceeds the suffix capacity {self.capacity}.")
-        self._static_bound = bound
 
     def static_plan_key(self, bound: int) -> tuple[int, int]:
         """What the plan of the static forwards up to ``bound`` depends on besides the forest, which stays: the

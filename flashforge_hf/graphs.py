@@ -127,8 +127,7 @@ class GraphDecoder:
         if bound != self.bound:  # a new bucket: the graph goes on if its plan is the same, else one eager step
             key = self.cache.static_plan_key
             same_plan = self.graph is not None and key(bound) == key(self.bound)
-            self.bound = bound
-            self.cache.set_static_bound(bound)
+            self.bound = bound  # the cache plans its forward for this bound too (cache.bucket_bound)
             if same_plan:
                 self.graph.replay()
             else:

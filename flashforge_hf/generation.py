@@ -260,7 +260,7 @@ def _free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
+def max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     gc = kwargs.get("generation_config") or model.generation_config
     if kwargs.get("max_new_tokens") is not None:
         return kwargs["max_new_tokens"]
@@ -273,7 +273,22 @@ def _max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     return None
 
 
-def _generation_config(model, kwargs: dict):
+def unserved_feature(gc, kwargs: dict) -> str | None:
+    """The generation feature among ``model.generate``'s arguments (``gc``: their settings, see
+    :func:`effective_generation_config`) that our generate cannot serve, or None: those that crop the cache
+    (assisted decoding, prompt lookup, contrastive search) or bring their own cache."""
+    for name, what in (("cache", "a cache of the caller's"), ("past_key_values", "a cache of the caller's"),
+                       ("assistant_model", "assisted generation (assistant_model)")):
+        if kwargs.get(name) is not None:
+            return what
+    for name, what in (("prompt_lookup_num_tokens", "prompt lookup decoding"), ("penalty_alpha", "contrastive search"),
+                       ("assistant_early_exit", "assisted generation (assistant_early_exit)")):
+        if getattr(gc, name, None) is not None:
+            return what
+    return None
+
+
+def effective_generation_config(model, kwargs: dict):
     """The settings generate will run with: the given (or the model's) generation config, a copy, with the
     ``kwargs`` that name its fields applied."""
     gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
@@ -282,7 +297,7 @@ def _generation_config(model, kwargs: dict):
 
 
 def _decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int | None, gc, kwargs: dict) -> dict | None:
-    """How decoding runs, for generate's settings ``gc`` (see :func:`_generation_config`): None for transformers'
+    """How decoding runs, for generate's settings ``gc`` (see :func:`effective_generation_config`): None for transformers'
     eager loop, else the ``cuda_graph`` / ``compile`` settings of our static loop (graphs.decode).
 
     ``cuda_graph`` None means CUDA graphs on CUDA when the settings allow them (else transformers' eager loop,
@@ -349,20 +364,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     from the eager model's by rounding. It needs our decode loop (greedy or sampling, ``max_new_tokens`` known);
     off CUDA the compiled steps run without graphs.
     """
-    for unsupported in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha", "cache", "past_key_values"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(
-                f"flashforge_hf.generate does not support `{unsupported}` (it needs a cache it can crop, or its own "
-                "cache); use model.generate for it."
-            )
+    gc = effective_generation_config(model, kwargs)
+    if why := unserved_feature(gc, kwargs):
+        raise NotImplementedError(f"flashforge_hf.generate does not support {why}; use model.generate(..., flashforge=False).")
     mask = _check_inputs(model, input_ids, attention_mask)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 prompts, got {batch_size}.")
-    gc = _generation_config(model, kwargs)
     num_beams = gc.num_beams or 1
     copies = num_beams if num_beams > 1 else gc.num_return_sequences or 1
     B, width = input_ids.shape
-    max_new = _max_new_tokens(model, width, kwargs)
+    max_new = max_new_tokens(model, width, kwargs)
     check_model(model, longest_row=width + (max_new or 0))
     policy = _decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)  # raises before any work
     forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=copies)

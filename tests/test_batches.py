@@ -27,21 +27,21 @@ def _count_prefix_passes(model, prefix: torch.Tensor, run) -> int:
     return hits, result
 
 
-def test_many_batches_prefill_the_prefix_once(pair):
+def test_many_batches_prefill_the_prefix_once(pair, entry):
     sdpa, ff = pair
     B, P = 7, 48
     ids, mask = shared_prefix_batch(seed=21, batch=B, prefix=P)
     prefix = ids[-1, ids.shape[1] - len(ids[-1][mask[-1].bool()]) :][:P]
     kw = dict(max_new_tokens=6, do_sample=False)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
-    hits, ours = _count_prefix_passes(ff, prefix, lambda: flashforge_hf.generate(ff, ids, mask, batch_size=2, **kw))
+    hits, ours = _count_prefix_passes(ff, prefix, lambda: entry(ff, ids, mask, batch_size=2, **kw))
     assert hits == 1  # 4 batches, one prefill of the shared prefix
     assert torch.equal(stock, ours)
     hits, _ = _count_prefix_passes(sdpa, prefix, lambda: sdpa.generate(input_ids=ids, attention_mask=mask, **kw))
     assert hits == B  # the count can fail: stock pushes the prefix through once per row
 
 
-def test_batches_follow_free_memory(pair, monkeypatch):
+def test_batches_follow_free_memory(pair, monkeypatch, entry):
     sdpa, ff = pair
     ids, mask = tree_batch(seed=22)
     calls = []
@@ -54,10 +54,10 @@ def test_batches_follow_free_memory(pair, monkeypatch):
 
     monkeypatch.setattr(ffg, "prompts_per_batch", small_memory)
     kw = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
-    ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, **kw)
+    ours = entry(ff, ids, mask, min_shared_tokens=4, **kw)
     assert calls and torch.equal(sdpa.generate(input_ids=ids, attention_mask=mask, **kw), ours)
     with pytest.raises(NotImplementedError, match="return_dict_in_generate needs all 8 prompts in one batch"):
-        flashforge_hf.generate(ff, ids, mask, return_dict_in_generate=True, **kw)
+        entry(ff, ids, mask, return_dict_in_generate=True, **kw)
 
 
 def test_memory_estimate_and_clear_error(pair):
@@ -71,7 +71,7 @@ def test_memory_estimate_and_clear_error(pair):
         ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**5)
 
 
-def test_memory_estimate_per_device_under_device_map(pair):
+def test_memory_estimate_per_device_under_device_map(pair, entry):
     """A model that device_map spread over two GPUs (its hf_device_map faked here) is sized on each GPU with that
     GPU's share of the layers' K/V (activations and logits counted on both): more prompts fit than on one device
     with the same free memory; compile=True (one device needed) is refused naming device_map."""
@@ -86,6 +86,6 @@ def test_memory_estimate_per_device_under_device_map(pair):
         assert ffg.layer_devices(ff) == {torch.device("cuda", 0): n // 2, torch.device("cuda", 1): n - n // 2}
         assert ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**7) > one
         with pytest.raises(NotImplementedError, match="device_map"):
-            flashforge_hf.generate(ff, ids, mask, compile=True, max_new_tokens=2)
+            entry(ff, ids, mask, compile=True, max_new_tokens=2)
     finally:
         del ff.hf_device_map

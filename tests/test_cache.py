@@ -46,14 +46,14 @@ def test_decode_never_materialises_batch_times_prefix(pair):
     assert ours.largest < limit
 
 
-def test_each_shared_segment_goes_through_the_model_once(pair):
+def test_each_shared_segment_goes_through_the_model_once(pair, entry):
     _, ff = pair
     ids, mask = tree_batch(seed=8)
     forest = build_forest(ids, mask, min_shared_tokens=4)
     seen = []
     hook = ff.get_input_embeddings().register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
     try:
-        flashforge_hf.generate(ff, ids, mask, max_new_tokens=3, do_sample=False, min_shared_tokens=4)
+        entry(ff, ids, mask, max_new_tokens=3, do_sample=False, min_shared_tokens=4)
     finally:
         hook.remove()
     for seg in forest.seg_tokens:
@@ -99,13 +99,13 @@ def test_forest_structure():
     assert sorted(len(t) for t in g.seg_tokens) == [56, 64] and g.num_levels == 1
 
 
-def test_pad_id_that_is_a_real_token_is_not_padding(pair):
+def test_pad_id_that_is_a_real_token_is_not_padding(pair, entry):
     """Padding comes from attention_mask only: a row may start with the pad id as a real token."""
     sdpa, ff = pair
     ids, mask = shared_prefix_batch(seed=5, batch=3)
     ids[:, ids.shape[1] - 20] = 0  # pad id inside the shared prefix, as a real token
     kw = dict(max_new_tokens=5, do_sample=False)
-    assert torch.equal(sdpa.generate(input_ids=ids, attention_mask=mask, **kw), flashforge_hf.generate(ff, ids, mask, **kw))
+    assert torch.equal(sdpa.generate(input_ids=ids, attention_mask=mask, **kw), entry(ff, ids, mask, **kw))
 
 
 def test_cache_is_freed_without_the_garbage_collector(tmp_path):

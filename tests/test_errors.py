@@ -25,7 +25,7 @@ def no_forward(pair):
     h.remove()
 
 
-def test_bad_inputs(pair, no_forward):
+def test_bad_inputs(pair, no_forward, entry):
     _, ff = pair
     ids, mask = shared_prefix_batch()
     cases = [
@@ -41,7 +41,7 @@ def test_bad_inputs(pair, no_forward):
     ]
     for i, m, msg in cases:
         with pytest.raises((ValueError, TypeError), match=msg):
-            flashforge_hf.generate(ff, i, m, max_new_tokens=2)
+            entry(ff, i, m, max_new_tokens=2)
         with pytest.raises((ValueError, TypeError), match=msg):
             flashforge_hf.prefill_shared(ff, i, m)
 
@@ -88,11 +88,13 @@ def test_cache_reused_with_another_model(pair, tmp_path):
         wider.generate(**inputs, **{flashforge_hf.cache_kwarg(wider): cache}, max_new_tokens=2)
 
 
-def test_sliding_window_served_only_inside_the_window(tmp_path):
+def test_sliding_window_served_only_inside_the_window(tmp_path, entry):
+    """Inside the window both entries serve it; past it flashforge_hf.generate refuses (plain model.generate then
+    runs stock: tests/test_generate_hook.py)."""
     ff = load(save_tiny("mistral", tmp_path, sliding_window=64), "flashforge")
     ids, mask = shared_prefix_batch(prefix=40)
     assert ids.shape[1] + 8 <= 64
-    flashforge_hf.generate(ff, ids, mask, max_new_tokens=8)
+    entry(ff, ids, mask, max_new_tokens=8)
     with pytest.raises(NotImplementedError, match="sliding-window"):
         flashforge_hf.generate(ff, ids, mask, max_new_tokens=40)
 

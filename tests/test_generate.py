@@ -27,12 +27,12 @@ def _assert_same(stock, ours, atol=1e-4):
 
 
 @pytest.mark.parametrize("batch", ["tree", "shared_prefix"])
-def test_generate_matches_sdpa(pair, batch):
+def test_generate_matches_sdpa(pair, batch, entry):
     sdpa, ff = pair
     ids, mask = tree_batch() if batch == "tree" else shared_prefix_batch()
     kw = _greedy(sdpa, ids, mask)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
-    ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, **kw)
+    ours = entry(ff, ids, mask, min_shared_tokens=4, **kw)
     _assert_same(stock, ours)
 
 

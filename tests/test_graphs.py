@@ -54,7 +54,7 @@ def _halves(num_rows, num_kv_heads, end, q_len, device, device_model=None):
 
 
 @pytest.mark.parametrize("splits", ["planner", "halves"])
-def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits):
+def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits, entry):
     """flashforge_hf.generate with cuda_graph=False (transformers' loop) against our static loop: logits and tokens
     bit for bit over 40 steps and 3 buckets. transformers' one-token steps get the bucket's plan (one per bucket,
     made once: the planner runs once per bucket, not per step) and hand the token to the attention. With plans of
@@ -67,12 +67,12 @@ def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits):
     monkeypatch.setattr(cache_module, "plan_forward", lambda *a: planned.append(a[3]) or real_plan_forward(*a))
     ids, mask = tree_batch(seed=3)
     kw = dict(max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True, min_shared_tokens=4)
-    eager = flashforge_hf.generate(model, ids, mask, cuda_graph=False, **kw)
+    eager = entry(model, ids, mask, cuda_graph=False, **kw)
     cache = getattr(eager, output_cache_field(type(eager)))
     bounds, planned[:] = list(planned), []
     assert bounds[1:] == [16, 32, cache.capacity], bounds  # the suffixes' prefill, then one plan per bucket
     monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
-    static = flashforge_hf.generate(model, ids, mask, **kw)
+    static = entry(model, ids, mask, **kw)
     assert planned == bounds
     assert torch.equal(eager.sequences, static.sequences)
     assert all(torch.equal(a, b) for a, b in zip(eager.logits, static.logits, strict=True))
@@ -211,7 +211,7 @@ def test_scores_and_logits_equal_eager_loop(model, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_errors_before_work(model):
+def test_errors_before_work(model, entry):
     ids, mask = tree_batch(seed=9)
     cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=4, min_shared_tokens=4)
     kw = {flashforge_hf.cache_kwarg(model): cache}
@@ -223,7 +223,7 @@ def test_errors_before_work(model):
                        num_beams=2, do_sample=False)
     assert not cache.static  # nothing was started
     with pytest.raises(NotImplementedError, match="cuda_graph=True cannot be served: the model is on cpu"):
-        flashforge_hf.generate(model, ids, mask, max_new_tokens=4, cuda_graph=True)
+        entry(model, ids, mask, max_new_tokens=4, cuda_graph=True)
 
 
 def test_stop_strings_and_streamer_reach_the_loop():
@@ -265,7 +265,7 @@ def test_stop_strings_and_streamer_reach_the_loop():
     assert all(torch.equal(a, b) for a, b in zip(tapes[0][:-1], tapes[1][:-1]))
 
 
-def test_generate_routes_through_the_loop_across_batches(monkeypatch):
+def test_generate_routes_through_the_loop_across_batches(monkeypatch, entry):
     """flashforge_hf.generate with the graph policy on (forced here; on CUDA it is the default) runs every batch
     of a many-batch call through graphs.decode, stop strings included (the GSM8K example's setting), and equals
     stock generate."""
@@ -295,7 +295,7 @@ def test_generate_routes_through_the_loop_across_batches(monkeypatch):
 
     monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
     monkeypatch.setattr(graphs, "decode", counted)
-    ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, batch_size=2, **kw)
+    ours = entry(ff, ids, mask, min_shared_tokens=4, batch_size=2, **kw)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
     assert len(calls) == 3 and torch.equal(stock, ours)
 
@@ -308,7 +308,7 @@ def has_cxx() -> bool:
 
 
 @pytest.mark.skipif(not has_cxx(), reason="torch.compile (inductor) on CPU needs a C++ compiler")
-def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
+def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch, entry):
     """compile=True runs our loop with the model's forward under torch.compile: the cache update and our attention
     stay outside the compiled graphs (torch.compiler.disable), the layers share one compilation (their index is
     not a constant), and a second call with other lengths compiles nothing new. fp32: same tokens as SDPA."""
@@ -316,12 +316,13 @@ def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
 
     monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
     sdpa = load(model.name_or_path, "sdpa")
+    torch._dynamo.reset()  # compile afresh for each entry point
     before = counters["stats"]["unique_graphs"]
     for seed, new in ((11, 10), (12, 17)):
         ids, mask = tree_batch(seed=seed)
         kw = dict(max_new_tokens=new, do_sample=False)
         stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
-        ours = flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, compile=True, **kw)
+        ours = entry(model, ids, mask, min_shared_tokens=4, compile=True, **kw)
         assert torch.equal(stock, ours)
         assert graphs.last_stats["compiled"] and not graphs.last_stats["graphs"]
         assert graphs.last_stats["fused_qkv_layers"] == model.config.num_hidden_layers  # traced through the fusion
@@ -332,7 +333,7 @@ def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch):
     ids, mask = tree_batch(seed=13)  # batches of 3, 3 and 2 prompts: the compiled step meets a new batch size
     kw = dict(max_new_tokens=6, do_sample=False)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(stock, flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, batch_size=3,
+    assert torch.equal(stock, entry(model, ids, mask, min_shared_tokens=4, batch_size=3,
                                                      compile=True, **kw))
     with pytest.raises(NotImplementedError, match="compile=True cannot be served: beam search"):
-        flashforge_hf.generate(model, ids, mask, max_new_tokens=4, num_beams=2, compile=True)
+        entry(model, ids, mask, max_new_tokens=4, num_beams=2, compile=True)

@@ -1,4 +1,4 @@
-"""The ``flashforge-hf`` command (also ``python -m flashforge_hf``): demo, generate and bench subcommands.
+"""The ``flashforge-hf`` command (also ``python -m flashforge_hf``): demo, generate, lm-eval and bench subcommands.
 
 The examples/ scripts reuse :func:`add_model_args`, :func:`load` and :func:`print_comparison` so that every
 entry point takes the same model options and prints the same comparison.
@@ -201,6 +201,20 @@ def cmd_bench_generate(args) -> int:
 FORWARDED_BENCHMARKS = {"attention": "bench_attention", "e2e": "bench_e2e"}
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """``flashforge-hf lm-eval ARGS``: lm-evaluation-harness's own command line, unchanged, in this process, where
+    ``import flashforge_hf`` has registered ``attn_implementation="flashforge"`` (so ``--model hf --model_args
+    pretrained=PATH,attn_implementation=flashforge`` loads) and made its ``model.generate`` calls share prefixes."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as e:
+        raise SystemExit(f"error: `flashforge-hf lm-eval` runs lm-evaluation-harness, which is not installed ({e}): "
+                         "pip install 'flashforge-hf[eval]' (in a checkout: pip install -e '.[eval]').") from None
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 # ---- parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -246,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "the token ids are identical")
     gen.set_defaults(func=cmd_generate)
 
+    lme = sub.add_parser("lm-eval", add_help=False,
+                         help="lm-evaluation-harness's command line with attn_implementation='flashforge' available",
+                         description="Runs lm-eval's own CLI unchanged (needs pip install 'flashforge-hf[eval]'). "
+                         "Its options: flashforge-hf lm-eval --help")
+    lme.add_argument("args", nargs=argparse.REMAINDER, help="passed to lm-eval (see its --help)")
     bench = sub.add_parser("bench", help="benchmarks, written as CSV plus a PNG plot",
                            description="Benchmarks: CSV and PNG (the plot needs matplotlib: pip install matplotlib).")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -287,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        return run_lm_eval(argv[1:])
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in FORWARDED_BENCHMARKS:
         return importlib.import_module(f".{FORWARDED_BENCHMARKS[argv[1]]}", __package__).main(argv[2:])
     args = build_parser().parse_args(argv)

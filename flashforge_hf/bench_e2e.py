@@ -71,8 +71,9 @@ BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
 FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
 GREEDY_SHARE = 0.9
 STOCK_CHUNKED = "stock-chunked"
-METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED)
-CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH, bg.COMPILED)
+METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED, bg.PLAIN,
+           bg.PLAIN_COMPILED)
+CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH, bg.COMPILED, bg.PLAIN_COMPILED)
 OURS = (bg.EAGER, bg.GRAPH, bg.COMPILED)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
 
@@ -181,7 +182,7 @@ def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmu
     """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
     try:
         if warmup:
-            ours = method in OURS + (bg.EXPLICIT,)
+            ours = method in OURS + (bg.EXPLICIT, bg.PLAIN, bg.PLAIN_COMPILED)
             warm = (ids, mask) if ours or method == bg.STOCK_COMPILED else (ids[:2], mask[:2])
             run_method(model, wl, method, *warm, max_new_tokens=2, min_new_tokens=2)
             free_memory()

@@ -36,6 +36,7 @@ from flashforge_hf.compat import output_cache_field
 STOCK, FLASHFORGE, REUSE, EXPLICIT = "stock", "flashforge", "reuse", "flashforge-explicit"
 EAGER, GRAPH, COMPILED = "flashforge-eager", "flashforge-graph", "flashforge-compiled"
 STOCK_COMPILED = "stock-compiled"
+PLAIN, PLAIN_COMPILED = "plain-generate", "plain-generate-compiled"  # model.generate on the flashforge model
 
 
 @dataclass
@@ -200,8 +201,12 @@ FLASHFORGE_SETTINGS = {FLASHFORGE: {}, EAGER: dict(cuda_graph=False), GRAPH: dic
                        COMPILED: dict(compile=True)}
 
 
-def _flashforge_generator(settings: dict):
+def _flashforge_generator(settings: dict, plain: bool = False):
+    """flashforge_hf.generate with ``settings``; ``plain``: plain ``model.generate`` with them instead (the
+    generate hook's path, which must be the same)."""
     def run(model, input_ids, attention_mask, **generate_kwargs):
+        if plain:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **settings, **generate_kwargs)
         return flashforge_hf.generate(model, input_ids, attention_mask, **settings, **generate_kwargs)
 
     return run
@@ -217,7 +222,8 @@ def stock_compiled_generate(model, input_ids, attention_mask, **generate_kwargs)
 
 GENERATORS = {STOCK: stock_generate, REUSE: reuse_generate, EXPLICIT: explicit_generate,
               STOCK_COMPILED: stock_compiled_generate,
-              **{mode: _flashforge_generator(settings) for mode, settings in FLASHFORGE_SETTINGS.items()}}
+              **{mode: _flashforge_generator(settings) for mode, settings in FLASHFORGE_SETTINGS.items()},
+              PLAIN: _flashforge_generator({}, plain=True), PLAIN_COMPILED: _flashforge_generator(dict(compile=True), plain=True)}
 
 
 def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | None = None, progress: bool = False,
@@ -225,7 +231,7 @@ def run_generate(model, input_ids, attention_mask, mode: str, *, seed: int | Non
     """One timed generate call by ``mode``, a key of :data:`GENERATORS`: "stock" (sdpa + DynamicCache,
     ``model.generate``), "flashforge" (:func:`flashforge_hf.generate`), "flashforge-eager" / "flashforge-graph" /
     "flashforge-compiled" (the same with CUDA graphs off / required / ``compile=True``), "reuse"
-    (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`) or "stock-compiled" (:func:`stock_compiled_generate`). ``model`` must be loaded with
+    (:func:`reuse_generate`), "flashforge-explicit" (:func:`explicit_generate`), "stock-compiled" (:func:`stock_compiled_generate`) or "plain-generate" / "plain-generate-compiled" (plain ``model.generate``, default settings / ``compile=True``). ``model`` must be loaded with
     attn_implementation="flashforge". ``seed`` seeds torch right before the call (sampling); ``progress`` shows
     a bar of decode steps."""
     from tqdm.auto import tqdm

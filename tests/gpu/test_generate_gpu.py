@@ -43,6 +43,24 @@ def test_greedy_fp32_matches_sdpa(folder):
             torch.testing.assert_close(b, a, atol=2e-3, rtol=0)
 
 
+def test_plain_generate_is_flashforge_generate_on_cuda(folder):
+    """Plain model.generate takes our path on CUDA (CUDA graphs by default): bit for bit flashforge_hf.generate's
+    value, greedy and seeded sampling, in bf16."""
+    from flashforge_hf import graphs
+
+    ff = load(folder, "flashforge", dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in shared_prefix_batch(batch=6, prefix=300))
+    for kw in (dict(max_new_tokens=20, do_sample=False, return_dict_in_generate=True, output_logits=True),
+               dict(max_new_tokens=20, do_sample=True, top_k=20, return_dict_in_generate=True, output_logits=True)):
+        torch.manual_seed(1)
+        ours = flashforge_hf.generate(ff, ids, mask, **kw)
+        torch.manual_seed(1)
+        plain = ff.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert graphs.last_stats["graphs"]  # the plain call decoded from CUDA graphs too
+        assert torch.equal(ours.sequences, plain.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(ours.logits, plain.logits, strict=True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_teacher_forced_logits_within_half_precision_tolerance(folder, dtype):
     """Our error against an fp32 reference is at most 2x stock SDPA's error in the same dtype."""

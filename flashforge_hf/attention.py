@@ -2,9 +2,9 @@
 
 With a :class:`~flashforge_hf.cache.PrefixSharingCache`, the keys/values the attention function receives carry
 the cache's hand-off (see cache.py) and attention runs over the segment forest (Triton kernels on CUDA, the
-PyTorch reference elsewhere). With any other cache, or none, it is exactly transformers' SDPA attention, so a
-model loaded with ``attn_implementation="flashforge"`` behaves like "sdpa" in plain ``model.generate``
-(except that ``torch.compile`` does not trace into it: compiled code breaks around the attention).
+PyTorch reference elsewhere). With any other cache, or none, it is exactly transformers' SDPA attention: a
+forward pass outside our cache, or ``model.generate`` where it runs stock (see generate_hook.py), behaves like
+"sdpa" (except that ``torch.compile`` does not trace into it: compiled code breaks around the attention).
 """
 
 from __future__ import annotations

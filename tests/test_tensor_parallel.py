@@ -49,10 +49,11 @@ def test_tensor_parallel_two_ranks(tmp_path):
     single = flashforge_hf.generate(load(folder, "flashforge"), *tree_batch(), min_shared_tokens=4, max_new_tokens=6,
                                     do_sample=False)
     for r in ranks:
-        assert r["ours"] == r["stock"] == single.tolist()
+        assert r["ours"] == r["plain"] == r["stock"] == single.tolist()
+        assert r["plain_caches"] == 1  # plain model.generate took the FlashForge path on this rank
         assert r["kv_heads"] == 1  # each rank holds its own half of the 2 KV heads
         # the static loop stopped early (every row at its EOS) on the same step on both ranks, with stock's tokens
-        assert r["ours_eos"] == r["stock_eos"] and len(r["stock_eos"][0]) < r["prompt_len"] + 12
+        assert r["ours_eos"] == r["plain_eos"] == r["stock_eos"] and len(r["stock_eos"][0]) < r["prompt_len"] + 12
     assert torch.equal(torch.tensor(ranks[0]["ours"]), torch.tensor(ranks[1]["ours"]))
 
 

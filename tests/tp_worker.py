@@ -1,4 +1,5 @@
-"""One rank of tests/test_tensor_parallel.py (run under torchrun): flashforge vs stock generation, tensor parallel.
+"""One rank of tests/test_tensor_parallel.py (run under torchrun): flashforge (flashforge_hf.generate and plain
+model.generate) vs stock generation, tensor parallel.
 ``backend`` gloo: CPU processes; nccl: one GPU per rank (tests/gpu/test_multi_gpu.py)."""
 
 import os
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, DistributedConfig
 
 import flashforge_hf
 from flashforge_hf import graphs
+from flashforge_hf.cache import PrefixSharingCache
 from tiny_models import tree_batch
 
 
@@ -30,6 +32,13 @@ def main(folder: str, out_file: str, backend: str = "gloo") -> None:
         ids, mask = (t.to(device) for t in tree_batch())
         gen = dict(max_new_tokens=6, do_sample=False)
         ours = flashforge_hf.generate(ff, ids, mask, min_shared_tokens=4, **gen)
+        built = []  # plain model.generate (the generate hook) on every rank: the FlashForge path, one cache
+        init = PrefixSharingCache.__init__
+        PrefixSharingCache.__init__ = lambda self, *a, **k: (init(self, *a, **k), built.append(self))[0]
+        try:
+            plain = ff.generate(input_ids=ids, attention_mask=mask, min_shared_tokens=4, **gen)
+        finally:
+            PrefixSharingCache.__init__ = init
         stock = sdpa.generate(input_ids=ids, attention_mask=mask, **gen)
         cache, _ = flashforge_hf.prefill_shared(ff, ids, mask, min_shared_tokens=4)
         # Our static decode loop (CUDA graphs on CUDA, eager steps on the CPU) with every row ending early at its
@@ -41,7 +50,9 @@ def main(folder: str, out_file: str, backend: str = "gloo") -> None:
         static, _ = flashforge_hf.prefill_shared(ff, ids, mask, min_shared_tokens=4, max_new_tokens=12)
         kw = dict(input_ids=ids, attention_mask=mask, **{flashforge_hf.cache_kwarg(ff): static}, **eos)
         ours_eos = ff.generate(**graphs.decode_kwargs(ff, kw, cuda_graph=backend == "nccl"))
-        result = dict(rank=rank, ours=ours.tolist(), stock=stock.tolist(), kv_heads=cache.layers[0].seg_k.shape[0],
+        plain_eos = ff.generate(input_ids=ids, attention_mask=mask, min_shared_tokens=4, **eos)
+        result = dict(rank=rank, ours=ours.tolist(), plain=plain.tolist(), plain_caches=len(built),
+                      plain_eos=plain_eos.tolist(), stock=stock.tolist(), kv_heads=cache.layers[0].seg_k.shape[0],
                       ours_eos=ours_eos.tolist(), stock_eos=stock_eos.tolist(), prompt_len=L,
                       graphs=dict(graphs.last_stats))
         with open(f"{out_file}.{rank}", "w") as f:

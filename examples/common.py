@@ -1,8 +1,7 @@
-"""What the example scripts share: where the project's data lives, reading records, the few-shot evaluation loop."""
+"""What the example scripts share: the data they ship with, reading records, the few-shot evaluation loop."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -14,32 +13,50 @@ from flashforge_hf import cli
 from flashforge_hf.bench_generate import STOCK, stop_ids, compare, generated_ids, run_generate
 from flashforge_hf.models import decode_texts, encode
 
-# The repository's checkout and the shared data sit side by side: <root>/main (this repo) and <root>/shared.
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Small samples of the public data sets (data/SOURCES.md says where each comes from): the tests and offline runs
+# pass them with --data; by default the examples load the full sets from the Hugging Face Hub.
+DATA = Path(__file__).resolve().parent / "data"
+HOW_TO_FIX = ("pass --data PATH with a local .json/.jsonl file instead (small samples ship in examples/data/, "
+              "see examples/data/SOURCES.md)")
 
 
-def read_records(path: Path) -> list[dict]:
-    """Records of a local .jsonl (one JSON object a line) or .json file (a list, or an object whose "examples"
-    holds the list, as BIG-Bench Hard's files do)."""
+def read_records(path: Path, field: str | None = None) -> list[dict]:
+    """Records of a local .jsonl file (one JSON object a line) or .json file (a list; with ``field``, an object
+    holding the list under that key, as BIG-Bench Hard's files hold theirs under "examples")."""
     if path.suffix == ".jsonl":
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
     data = json.loads(path.read_text())
-    return data["examples"] if isinstance(data, dict) else data
+    return data[field] if field else data
 
 
-def load_records(data: str, *, hub_config: str | None = None, split: str = "test") -> list[dict]:
-    """Records from ``data``: a local JSON/JSONL file, else (when the `datasets` package is installed) a data set
-    name on the Hugging Face Hub, loaded with ``datasets.load_dataset(data, hub_config, split=split)``."""
+def load_records(data: str, *, hub_config: str | None = None, split: str = "test",
+                 field: str | None = None) -> list[dict]:
+    """Records from ``data``: a local .json/.jsonl file (``field`` as in :func:`read_records`), read with
+    ``datasets.load_dataset("json", data_files=data)`` where the `datasets` package is installed and with
+    :func:`read_records` otherwise; or a data set on the Hugging Face Hub, ``datasets.load_dataset(data,
+    hub_config, split=split)``. Exits with what failed, why, and how to fix it (a local file) where the Hub
+    cannot be used: `datasets` missing, offline, or no such data set."""
     path = Path(data)
-    if path.exists():
-        return read_records(path)
-    if importlib.util.find_spec("datasets") is None:
-        raise SystemExit(f"error: {data} is not a local file, and loading it from the Hugging Face Hub needs the "
-                         "`datasets` package (pip install datasets). Pass --data with a local .json/.jsonl path.")
-    import datasets
-
-    return list(datasets.load_dataset(data, hub_config, split=split))
+    local = path.suffix in (".json", ".jsonl") or path.exists()
+    if local and not path.is_file():
+        raise SystemExit(f"error: {data} is not a file (--data takes a local .json/.jsonl file or the name of a "
+                         "data set on the Hugging Face Hub).")
+    try:
+        import datasets
+    except ImportError as e:
+        if local:
+            return read_records(path, field)
+        raise SystemExit(f"error: could not load {data!r} from the Hugging Face Hub: the `datasets` package is not "
+                         f"installed ({e}). Install it (pip install datasets), or {HOW_TO_FIX}.") from e
+    if local:
+        json_field = field if path.suffix == ".json" else None  # a .jsonl file has one record a line
+        return list(datasets.load_dataset("json", data_files=str(path), field=json_field, split="train"))
+    try:
+        return list(datasets.load_dataset(data, hub_config, split=split))
+    except Exception as e:  # offline, no such data set or config, a server error: the way out is the same
+        raise SystemExit(f"error: could not load {data!r} (config {hub_config!r}, split {split!r}) from the Hugging "
+                         f"Face Hub: {type(e).__name__}: {e}. Offline, or a wrong name? Then {HOW_TO_FIX}.") from e
 
 
 def evaluate_few_shot(args, model, tokenizer, prompts: list[str], golds: list[str], is_correct, title: str) -> None:

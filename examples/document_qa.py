@@ -9,14 +9,19 @@ whether the token ids are identical.
 A document longer than the model's context (config.max_position_embeddings minus --max-new-tokens) is refused,
 unless --truncate is given (then the document is cut to fit).
 
+The documents come from the Hugging Face Hub (L4NLP/LEval, --task as config, split test; needs `datasets`) or,
+with --data, from a local .jsonl with one document a line: "input" (the document), "instructions" (its
+questions) and "outputs" (their reference answers).
+
     python examples/document_qa.py --task multidoc_qa --doc-index 0 --truncate
+    python examples/document_qa.py --data my_documents.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import SHARED_DATA, load_records
+from common import load_records
 
 from flashforge_hf import cli
 from flashforge_hf.bench_generate import compare
@@ -61,16 +66,18 @@ def _token_lists(tokenizer, chats) -> list[list[int]]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser, max_new_tokens=64)
-    parser.add_argument("--task", choices=TASKS, default="multidoc_qa", help="L-Eval task (default multidoc_qa)")
-    parser.add_argument("--data", help="a local L-Eval .jsonl (input, instructions, outputs per line) or a Hub name "
-                        "such as L4NLP/LEval (needs `datasets`); default: the project's copy of --task")
+    parser.add_argument("--task", choices=TASKS, default="multidoc_qa",
+                        help="L-Eval task, the Hub data set's config (default multidoc_qa)")
+    parser.add_argument("--data", default="L4NLP/LEval",
+                        help="a data set on the Hugging Face Hub (config --task, split 'test'; needs `datasets`; "
+                        "default L4NLP/LEval) or a local .jsonl of documents (input, instructions, outputs per line)")
     parser.add_argument("--doc-index", type=int, default=0, help="which document (line) of the file (default 0)")
     parser.add_argument("--max-questions", type=int, help="ask only the first N questions of the document")
     parser.add_argument("--truncate", action="store_true",
                         help="cut a document that does not fit the model's context instead of refusing it")
     args = parser.parse_args(argv)
 
-    records = load_records(args.data or str(SHARED_DATA / "leval" / f"{args.task}.jsonl"), hub_config=args.task)
+    records = load_records(args.data, hub_config=args.task)
     if not 0 <= args.doc_index < len(records):
         raise SystemExit(f"error: --doc-index {args.doc_index} is out of range: the data has {len(records)} documents.")
     record = records[args.doc_index]

@@ -6,7 +6,12 @@ stops at the next "Q:". The prediction is what follows "the answer is" on its li
 target). Prints the accuracy of stock transformers and of FlashForge, whether their token ids are identical,
 and the timing table of each batch.
 
+The questions come from the Hugging Face Hub (lukaemon/bbh, the task as config, split test; needs `datasets`)
+or, with --data, from a local BIG-Bench Hard task file (such as examples/data/bbh/navigate_16.json) or a folder
+of them; the 27 tasks' CoT prompts ship in examples/data/bbh/cot-prompts.
+
     python examples/fewshot_bbh.py --task date_understanding --limit 16
+    python examples/fewshot_bbh.py --task navigate --data examples/data/bbh/navigate_16.json    # offline
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import argparse
 import re
 from pathlib import Path
 
-from common import SHARED_DATA, add_few_shot_args, evaluate_few_shot, load_records
+from common import DATA, add_few_shot_args, evaluate_few_shot, load_records
 
 from flashforge_hf import cli
 
@@ -37,23 +42,26 @@ def main(argv=None) -> int:
     cli.add_model_args(parser, max_new_tokens=256)
     parser.add_argument("--task", default="boolean_expressions",
                         help="BBH task name, e.g. date_understanding, navigate, word_sorting (default boolean_expressions)")
-    parser.add_argument("--data", default=str(SHARED_DATA / "bbh"),
-                        help="folder with <task>.json and cot-prompts/<task>.txt (default: the project's copy), or a "
-                        "Hub name such as lukaemon/bbh for the questions (needs `datasets`; the prompts stay local, "
-                        "see --prompts)")
-    parser.add_argument("--prompts", help="folder of the CoT prompts (default: <data>/cot-prompts, or the project's copy)")
+    parser.add_argument("--data", default="lukaemon/bbh",
+                        help="the questions: a data set on the Hugging Face Hub (the task as config, split 'test'; "
+                        "needs `datasets`; default lukaemon/bbh), a local BIG-Bench Hard task file (.json with "
+                        "\"examples\": [{input, target}, ...]), or a folder holding <task>.json")
+    parser.add_argument("--prompts", default=str(DATA / "bbh" / "cot-prompts"),
+                        help="folder of the CoT prompts, <task>.txt (default: the 27 shipped in "
+                        "examples/data/bbh/cot-prompts)")
     add_few_shot_args(parser)
     args = parser.parse_args(argv)
 
-    data = Path(args.data)
-    local = data.is_dir()
-    prompts_dir = Path(args.prompts) if args.prompts else (data if local else SHARED_DATA / "bbh") / "cot-prompts"
+    prompts_dir = Path(args.prompts)
     prompt_file = prompts_dir / f"{args.task}.txt"
-    if not prompt_file.is_file() or (local and not (data / f"{args.task}.json").is_file()):
+    if not prompt_file.is_file():
         tasks = sorted(p.stem for p in prompts_dir.glob("*.txt"))
-        raise SystemExit(f"error: no BBH task {args.task!r} in {data} / {prompts_dir}; tasks there: {', '.join(tasks)}.")
+        raise SystemExit(f"error: no CoT prompt {prompt_file} for BBH task {args.task!r}; tasks there: "
+                         f"{', '.join(tasks) or 'none'}.")
+    folder = Path(args.data)
+    data = str(folder / f"{args.task}.json") if folder.is_dir() else args.data
     prefix = cot_prompt(prompt_file)
-    examples = load_records(str(data / f"{args.task}.json") if local else args.data, hub_config=args.task)[: args.limit]
+    examples = load_records(data, hub_config=args.task, field="examples")[: args.limit]
     model, tokenizer = cli.load(args)
     prompts = [f"{prefix}\n\nQ: {ex['input']}\nA: Let's think step by step." for ex in examples]
     golds = [ex["target"] for ex in examples]

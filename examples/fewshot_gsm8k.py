@@ -6,7 +6,11 @@ greedy decoding stops at the next "Q:". The prediction is the number after "The 
 number after "####". Prints the accuracy of stock transformers and of FlashForge, how many generations have
 identical token ids, and the timing table of each batch.
 
+The questions come from the Hugging Face Hub (openai/gsm8k, config main, split test; needs `datasets`) or, with
+--data, from a local .jsonl of question/answer records such as the 16 shipped in examples/data/gsm8k.
+
     python examples/fewshot_gsm8k.py --limit 16
+    python examples/fewshot_gsm8k.py --data examples/data/gsm8k/test_16.jsonl    # offline
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import SHARED_DATA, add_few_shot_args, evaluate_few_shot, load_records, read_records
+from common import DATA, add_few_shot_args, evaluate_few_shot, load_records, read_records
 
 from flashforge_hf import cli
 from flashforge_hf.demo_prompts import extract_answer
@@ -44,11 +48,13 @@ def is_correct(text: str, gold: str) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(parser, max_new_tokens=256)
-    parser.add_argument("--data", default=str(SHARED_DATA / "gsm8k" / "test.jsonl"),
-                        help="GSM8K test set: a local .jsonl with question/answer, or a Hub name such as openai/gsm8k "
-                        "(needs `datasets`; config 'main', split 'test'); default: the project's copy")
-    parser.add_argument("--exemplars", default=str(SHARED_DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"),
-                        help="the few-shot exemplars (.jsonl with question/answer); default: the 8 CoT exemplars")
+    parser.add_argument("--data", default="openai/gsm8k",
+                        help="GSM8K test set: a data set on the Hugging Face Hub (config 'main', split 'test'; needs "
+                        "`datasets`; default openai/gsm8k) or a local .jsonl with question/answer, e.g. "
+                        "examples/data/gsm8k/test_16.jsonl")
+    parser.add_argument("--exemplars", default=str(DATA / "gsm8k" / "cot_8shot_exemplars.jsonl"),
+                        help="the few-shot exemplars (.jsonl with question/answer); default: the 8 CoT exemplars "
+                        "shipped in examples/data/gsm8k")
     add_few_shot_args(parser)
     args = parser.parse_args(argv)
 

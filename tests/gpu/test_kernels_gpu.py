@@ -17,7 +17,7 @@ from flashforge_hf.forest import forest_attention
 from flashforge_hf.kernels import _common, merge, segment_attention, suffix_attention
 from flashforge_hf.kernels.suffix_attention import SuffixTasks
 from flashforge_hf.planner import ForestPlan, make_plan
-from test_kernels import (EPS, check_forest, dense_attention, make_forest, planner_plan, rel_err, run_partials,
+from test_kernels import (check_forest, error_limit, dense_attention, make_forest, planner_plan, rel_err, run_partials,
                           with_hole)
 
 pytestmark = [
@@ -56,7 +56,7 @@ def _forest_call_error(f, plan):
     base, _ = dense_attention(f, D ** -0.5, f.q.dtype)
     out = torch.full((R, Q, Hq, D), float("nan"), dtype=f.q.dtype, device="cuda")
     forest_attention(f.q, f.seg_k, f.seg_v, f.suf_k, f.suf_v, plan, D ** -0.5, out=out)
-    return rel_err(out, truth), 2 * rel_err(base, truth) + EPS[f.q.dtype]
+    return rel_err(out, truth), error_limit(rel_err(base, truth), f.q.dtype, D)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_suffix"])
@@ -103,7 +103,7 @@ def test_new_kv_written_by_the_suffix_kernel(name, split):
     n_splits = -(-f.end // split_len)
     plan = ForestPlan(seg, suf._replace(split_len=split_len, n_splits=n_splits), off, suf.slot0 + n_splits * R, Q)
     truth, _ = dense_attention(f, D ** -0.5, torch.float64)
-    limit = 2 * rel_err(dense_attention(f, D ** -0.5, f.q.dtype)[0], truth) + EPS[f.q.dtype]
+    limit = error_limit(rel_err(dense_attention(f, D ** -0.5, f.q.dtype)[0], truth), f.q.dtype, D)
     first = None
     for _ in range(10):
         g, new_kv = with_hole(f)

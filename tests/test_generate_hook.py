@@ -6,12 +6,11 @@ import warnings
 import pytest
 import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 import flashforge_hf
 from flashforge_hf import generate_hook
 from flashforge_hf.cache import PrefixSharingCache
-from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
+from tiny_models import Tape, load, save_tiny, shared_prefix_batch, tree_batch
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +68,6 @@ class StopAfter(StoppingCriteria):
         done = torch.full((input_ids.shape[0],), input_ids.shape[1] - self.prompt_len >= self.n, device=input_ids.device)
         done[0] |= input_ids.shape[1] - self.prompt_len >= self.n - 1
         return done
-
-
-class Tape(BaseStreamer):
-    def __init__(self):
-        self.parts = []
-
-    def put(self, value):
-        self.parts.append(value.clone())
-
-    def end(self):
-        self.parts.append("end")
 
 
 def _tool_arguments(ids):

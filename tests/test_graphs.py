@@ -231,19 +231,7 @@ def test_stop_strings_and_streamer_reach_the_loop():
     (stop strings as a stopping criterion); rows stop on the string and the streamer sees every token."""
     from test_features import _char_tokenizer
     from transformers import PreTrainedTokenizerFast
-    from transformers.generation.streamers import BaseStreamer
-
-    from tiny_models import shared_prefix_batch
-
-    class Tape(BaseStreamer):
-        def __init__(self):
-            self.parts = []
-
-        def put(self, value):
-            self.parts.append(value.clone())
-
-        def end(self):
-            self.parts.append("end")
+    from tiny_models import Tape, shared_prefix_batch
 
     import tempfile
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers.generation.streamers import BaseStreamer
 
 VOCAB = 96
 COMMON = dict(vocab_size=VOCAB, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=512,
@@ -71,3 +72,17 @@ def shared_prefix_batch(seed: int = 1, batch: int = 4, prefix: int = 48) -> tupl
     g = torch.Generator().manual_seed(seed)
     p = rand_tokens(prefix, g)
     return left_pad([torch.cat([p, rand_tokens(3 + 2 * i, g)]) for i in range(batch)])
+
+
+class Tape(BaseStreamer):
+    """A streamer that records what generate streams: each ``put`` tensor,
+    then "end"."""
+
+    def __init__(self):
+        self.parts = []
+
+    def put(self, value):
+        self.parts.append(value.clone())
+
+    def end(self):
+        self.parts.append("end")

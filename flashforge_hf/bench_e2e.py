@@ -71,8 +71,8 @@ BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
 FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
 GREEDY_SHARE = 0.9
 STOCK_CHUNKED = "stock-chunked"
-METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED, bg.PLAIN,
-           bg.PLAIN_COMPILED)
+METHODS = (bg.STOCK_COMPILED, bg.STOCK, STOCK_CHUNKED, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED)
+PLAIN_METHODS = (bg.PLAIN, bg.PLAIN_COMPILED)  # run only when --methods names them: our path through model.generate
 CUDA_ONLY = (bg.STOCK_COMPILED, bg.GRAPH, bg.COMPILED, bg.PLAIN_COMPILED)
 OURS = (bg.EAGER, bg.GRAPH, bg.COMPILED)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
@@ -315,7 +315,9 @@ def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int =
     except OOM_ERRORS:
         checks = dict(logits_ok="OOM")
         free_memory()
-    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(device.type == "cuda")
+    cuda = device.type == "cuda"
+    named = [m for m in PLAIN_METHODS if methods and m in methods and (cuda or m not in CUDA_ONLY)]
+    runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(cuda) + named
             if methods is None or m in methods}
     checks.update(greedy_check(model, wl, ids, mask, runs))
     return [dict(base, method=m, **(run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)), **checks)
@@ -721,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", choices=["full", "tiny"], default="full",
                     help="full: the issue's shapes; tiny: every length / 32, at most 4 rows per level, 8 new tokens, "
                     "a tiny model (CPU, seconds)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+    ap.add_argument("--methods", nargs="+", choices=METHODS + PLAIN_METHODS, metavar="METHOD",
                     help=f"run only these methods of each workload (default all): {', '.join(METHODS)}; the other "
                     "methods' rows of an earlier run stay in the results")
     ap.add_argument("--repeats", type=int, default=1, help="best of N timed runs per method (default 1)")

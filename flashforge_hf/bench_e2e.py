@@ -182,7 +182,7 @@ def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmu
     """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
     try:
         if warmup:
-            ours = method in OURS + (bg.EXPLICIT, bg.PLAIN, bg.PLAIN_COMPILED)
+            ours = method in OURS + (bg.EXPLICIT,) + PLAIN_METHODS
             warm = (ids, mask) if ours or method == bg.STOCK_COMPILED else (ids[:2], mask[:2])
             run_method(model, wl, method, *warm, max_new_tokens=2, min_new_tokens=2)
             free_memory()
@@ -724,8 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full: the issue's shapes; tiny: every length / 32, at most 4 rows per level, 8 new tokens, "
                     "a tiny model (CPU, seconds)")
     ap.add_argument("--methods", nargs="+", choices=METHODS + PLAIN_METHODS, metavar="METHOD",
-                    help=f"run only these methods of each workload (default all): {', '.join(METHODS)}; the other "
-                    "methods' rows of an earlier run stay in the results")
+                    help=f"run only these methods of each workload (default all of: {', '.join(METHODS)}; "
+                    f"{', '.join(PLAIN_METHODS)} only when named); the other methods' rows of an earlier run stay "
+                    "in the results")
     ap.add_argument("--repeats", type=int, default=1, help="best of N timed runs per method (default 1)")
     ap.add_argument("--check-rows", type=int, default=4, help="prompts in the teacher-forced logits check (default 4)")
     ap.add_argument("--profile-workload", choices=list(WORKLOADS), default="doc-qa-4k",

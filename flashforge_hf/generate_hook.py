@@ -62,9 +62,6 @@ def enabled() -> bool:
 def stock_reason(model, input_ids, kwargs: dict) -> str | None:
     """Why a ``model.generate`` call (its arguments by name, ``input_ids`` apart) must run transformers' own
     generation rather than FlashForge's, or None."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if cache is not None:
-        return f"a cache of the caller's ({type(cache).__name__})"
     if not isinstance(input_ids, torch.Tensor):
         return "no input_ids tensor (inputs_embeds or an empty prompt)"
     if kwargs.get("custom_generate") is not None:

@@ -27,7 +27,7 @@ class ModelUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept: $FLASHFORGE_HF_CACHE, else ~/.cache/flashforge_hf."""
+    """Where flashforge_hf keeps what it makes once (converted models, measured ceilings): $FLASHFORGE_HF_CACHE, else ~/.cache/flashforge_hf."""
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "flashforge_hf")
 
 

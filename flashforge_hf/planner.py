@@ -13,12 +13,9 @@ every SM ``waves`` times with near-equal cost; the chunk boundaries are multiple
 How many waves: more chunks balance the SMs better, but every chunk of every row writes a float32 partial
 (Hq x (D + 1) x 4 bytes per query) that the merge reads back. :func:`plan_segments` plans each of
 :data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
-when no SM holds two tasks, plus the partials' bytes written and read) is least. Measured on an H100
-(8B shapes): one wave instead of two saved ~2 us per layer on 64 rows x 4,096 shared keys and on 256 rows x 650
-(8 and 2 partials per row halved), and cost 4-6 us on 64 x 16,384, 128 x 8,192 and 256 x 4,096 and 24 us on
-128 x 32,768 (one task per SM runs compute-bound tiles ~20% slower). Calibrated on those measurements
-(benchmarks/results/planner_waves_h100_f10a79c.md), the estimate picks the faster one in every case measured
-(benchmarks/results/planner_waves_h100.md).
+when no SM holds two tasks, plus the partials' bytes written and read) is least. The rates are the card's
+own (:mod:`flashforge_hf.ceilings`); the two constants (a task's fixed cost, the single-task slowdown) are
+calibrated on measured layer times (docs/design.md, "Cost model").
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .ceilings import ceilings_for
 from .kernels import segment_attention
 from .kernels._common import block_d
 from .kernels.segment_attention import SegmentTasks
@@ -53,18 +51,17 @@ class DeviceModel:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_model(index: int) -> DeviceModel:
-    props = torch.cuda.get_device_properties(index)
-    # Measured on an H100: 3.0 TB/s copy; ~450 TFLOP/s bf16 in the segment kernel's compute-bound tiles (a GEMM
-    # reaches ~740). Other cards scale by SM count.
-    return DeviceModel(num_sms=props.multi_processor_count, bandwidth=3.0e12 * props.multi_processor_count / 132,
-                       flops=4.5e14 * props.multi_processor_count / 132)
+    device = torch.device("cuda", index)
+    rates = ceilings_for(device)
+    return DeviceModel(num_sms=torch.cuda.get_device_properties(index).multi_processor_count,
+                       bandwidth=rates.bandwidth, flops=rates.tile_flops)
 
 
 _CPU_MODEL = DeviceModel(num_sms=1, bandwidth=2e10, flops=1e11)
 
 MAX_BLOCK_M = 64  # most stacked queries per segment tile on CUDA (64 at most for head dims over 128)
 WAVES = (1, 2)  # segment tasks per SM (over the KV heads) that the chunking may aim at; the cheapest is kept
-# Segment work when no SM holds two tasks (H100: 16% slower on 128 rows x 32,768 keys, ~20% on 64 x 16,384).
+# Segment work when no SM holds two tasks: one program per SM cannot overlap one tile's loads with another's math.
 SINGLE_TASK_SLOWDOWN = 1.2
 
 

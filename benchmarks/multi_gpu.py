@@ -54,7 +54,7 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     from flashforge_hf import bench_e2e as be
     from flashforge_hf import bench_generate as bg
     from flashforge_hf.bench_attention import card_name, rel_err
-    from flashforge_hf.generation import layer_devices
+    from flashforge_hf.models import layer_devices
 
     torch.set_grad_enabled(False)
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import planner
-from .forest import forest_attention
+from .forest_attention import forest_attention
 from .kernels import _common, segment_attention, suffix_attention
 from .planner import ForestPlan
 from .kernels.suffix_attention import SuffixTasks

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
 from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 from . import graphs
-from .cache import ATTN_IMPLEMENTATION, PrefixSharingCache
+from .cache import ATTN_IMPLEMENTATION, PrefixSharingCache, prompts_per_batch
 from .compat import model_cache_kwarg
 from .prefix_tree import build_forest
 from .projections import fused_qkv
@@ -71,18 +70,6 @@ def check_model(model, longest_row: int | None = None) -> None:
             f"{longest_row} tokens (prompt + max_new_tokens): flashforge serves sliding-window models only while no "
             "row reaches the window. Lower max_new_tokens or shorten the prompts, or use attn_implementation='sdpa'."
         )
-
-
-def layer_devices(model) -> dict:
-    """{device: decoder layers on it} of a model that ``device_map`` spread over several accelerators ({} when it
-    runs on one device); "cpu"/"disk" entries (offloaded weights, run on the main device) are left out."""
-    count: dict = {}
-    for name, dev in (getattr(model, "hf_device_map", None) or {}).items():
-        if str(dev) not in ("cpu", "disk"):
-            d = torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
-            count[d] = count.get(d, 0) + sum(1 for m in model.get_submodule(name).modules()
-                                             if type(m).__name__.endswith("DecoderLayer"))
-    return count if len(count) > 1 else {}
 
 
 def _check_inputs(model, input_ids, attention_mask):
@@ -212,54 +199,6 @@ def _prefill_suffixes(model, cache: PrefixSharingCache) -> None:
     _forward(model, cache, ids, pos)
 
 
-def prompts_per_batch(model, forest, copies: int, max_new_tokens: int, device, free_bytes: int | None = None,
-                      safety: float = 0.8) -> int:
-    """How many prompts (each with its ``copies`` rows) fit in one batch, estimated before any work.
-
-    Counts the shared segments' K/V once, then per row its suffix K/V (prompt suffix + ``max_new_tokens``), the
-    activations of the suffix prefill, the attention partials and the logits of a decode step. ``free_bytes``
-    defaults to the device's free memory (CUDA: free plus what torch's allocator holds unused; CPU: available
-    RAM). A model that ``device_map`` spread over several GPUs is checked on each of them (its share of the
-    layers' K/V; activations and logits counted on every one). Raises MemoryError when not even one prompt fits."""
-    cfg = model.config
-    isz = next(model.parameters()).element_size()
-    hq = cfg.num_attention_heads
-    hkv = getattr(cfg, "num_key_value_heads", None) or hq
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
-    tp = getattr(model, "_tp_size", None) or 1  # tensor parallel: this rank holds 1/tp of the KV heads
-    kv_per_token = 2 * max(1, hkv // tp) * d * isz  # per layer
-    act_per_token = isz * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) + 4 * 4 * hq * d  # + 4 float32 partials
-    suffix = max((len(t) - 1 for t in forest.suffix_tokens), default=0)
-    level_tokens = max((sum(len(forest.seg_tokens[s]) for s, lv in enumerate(forest.seg_level) if lv == level)
-                        for level in range(forest.num_levels)), default=0)
-    sizes = []  # per device: (prompts that fit, device, shared bytes, bytes per row, free bytes)
-    for dev, layers in (layer_devices(model) or {torch.device(device): cfg.num_hidden_layers}).items():
-        fixed = kv_per_token * layers * sum(map(len, forest.seg_tokens)) + act_per_token * level_tokens
-        per_row = (kv_per_token * layers * (suffix + 1 + max_new_tokens) + act_per_token * suffix
-                   + 2 * 4 * cfg.vocab_size)
-        free = free_bytes if free_bytes is not None else _free_bytes(dev)
-        budget = safety * free - fixed
-        sizes.append((int(budget // (per_row * copies)) if budget > 0 else 0, dev, fixed, per_row, free))
-    fit, device, fixed, per_row, free_bytes = min(sizes, key=lambda size: size[0])  # the tightest device
-    if fit < 1:
-        gib = 2**30
-        raise MemoryError(
-            f"Not even one prompt fits: the shared segments need {fixed / gib:.2f} GiB and each prompt "
-            f"{per_row * copies / gib:.2f} GiB ({copies} row(s) of up to {suffix + 1} own prompt tokens + "
-            f"{max_new_tokens} new), but only {safety * free_bytes / gib:.2f} GiB of {device} memory is usable. "
-            "Shorten the prompts, lower max_new_tokens or num_return_sequences/num_beams, or free memory."
-        )
-    return fit
-
-
-def _free_bytes(device: torch.device) -> int:
-    """Memory a batch may use on ``device``: CUDA: free plus what torch's allocator holds unused; CPU: available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def max_new_tokens(model, input_len: int, kwargs: dict) -> int | None:
     gc = kwargs.get("generation_config") or model.generation_config
     if kwargs.get("max_new_tokens") is not None:
@@ -294,44 +233,6 @@ def effective_generation_config(model, kwargs: dict):
     gc = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
     gc.update(**{k: v for k, v in kwargs.items() if hasattr(gc, k)})
     return gc
-
-
-def _decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int | None, gc, kwargs: dict) -> dict | None:
-    """How decoding runs, for generate's settings ``gc`` (see :func:`effective_generation_config`): None for transformers'
-    eager loop, else the ``cuda_graph`` / ``compile`` settings of our static loop (graphs.decode).
-
-    ``cuda_graph`` None means CUDA graphs on CUDA when the settings allow them (else transformers' eager loop,
-    said once); True requires them; False never. ``compile`` True requires our static loop (with CUDA graphs on
-    CUDA unless ``cuda_graph`` is False; eager steps elsewhere)."""
-    if cuda_graph is False and not compile:
-        return None
-    reasons = []
-    if max_new is None:
-        reasons.append("max_new_tokens is not set")
-    if why := graphs.unsupported(gc, kwargs):
-        reasons.append(why)
-    if kwargs.get("synced_gpus"):
-        reasons.append("synced_gpus (DeepSpeed ZeRO-3 / FSDP)")
-    if compile and graphs.several_processes():  # CUDA graphs alone serve tensor parallel (graphs.decode)
-        reasons.append("several processes (tensor parallel)")
-    if layer_devices(model):
-        reasons.append("the model spans several devices (device_map)")
-    cuda = model.device.type == "cuda"
-    if compile:
-        if reasons:
-            raise NotImplementedError(f"compile=True cannot be served: {'; '.join(reasons)}. Pass compile=False.")
-        if cuda_graph and not cuda:
-            raise NotImplementedError(f"cuda_graph=True needs CUDA, the model is on {model.device.type}.")
-        return dict(cuda_graph=cuda and cuda_graph is not False, compile=True)
-    if not cuda:
-        reasons.insert(0, f"the model is on {model.device.type}, not CUDA")
-    if not reasons:
-        return dict(cuda_graph=True, compile=False)
-    if cuda_graph:
-        raise NotImplementedError(f"cuda_graph=True cannot be served: {'; '.join(reasons)}. Pass cuda_graph=None or False.")
-    if cuda:
-        graphs.warn_fallback("; ".join(reasons))
-    return None
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, min_shared_tokens: int = 16,
@@ -375,18 +276,15 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     B, width = input_ids.shape
     max_new = max_new_tokens(model, width, kwargs)
     check_model(model, longest_row=width + (max_new or 0))
-    policy = _decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)  # raises before any work
+    policy = graphs.decode_policy(model, cuda_graph, compile, max_new, gc, kwargs)  # raises before any work
     forest = build_forest(input_ids, mask, min_shared_tokens=min_shared_tokens, copies=copies)
-    fit = prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device)
-    per_batch = min(fit, batch_size or B)
-    kw = model_cache_kwarg(model)
+    per_batch = min(prompts_per_batch(model, forest, copies, max_new or 256, input_ids.device), batch_size or B)
     if policy is not None:
         kwargs = graphs.decode_kwargs(model, kwargs, **policy)
-
-    def decoding():  # transformers' eager loop runs with q/k/v fused as our static loop does (graphs.GraphDecoder):
-        # same GEMMs, and the cache gives its steps the static steps' plans: both loops give the same results.
-        return fused_qkv(model) if policy is None else nullcontext()
-
+    # transformers' eager loop runs with q/k/v fused as our static loop does (graphs.GraphDecoder): same GEMMs,
+    # and the cache gives its steps the static steps' plans, so both loops give the same results.
+    decoding = (lambda: fused_qkv(model)) if policy is None else nullcontext
+    kw = model_cache_kwarg(model)
     if per_batch >= B:
         cache = _prefilled_cache(model, forest, width, max_new, input_ids.device)
         with decoding():
@@ -407,6 +305,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         with decoding():
             outs.append(model.generate(input_ids=input_ids[b0:b1], attention_mask=mask[b0:b1].to(input_ids.dtype),
                                        **{kw: cache}, **kwargs))
+    return _concat_padded(outs, gc)
+
+
+def _concat_padded(outs: list[torch.Tensor], gc) -> torch.Tensor:
+    """The batches' sequences as one tensor, the shorter ones padded at the end (pad token, else EOS, else 0)
+    as one stock batch would be."""
     pad = gc.pad_token_id
     if pad is None:
         eos = gc.eos_token_id

@@ -8,12 +8,11 @@ How it stays valid as the suffixes grow. The cache runs in static mode (see cach
 allocated for prompt + ``max_new_tokens`` up front and never move; the suffix kernel reads where the suffixes end
 from device memory and stores each step's token at the last column itself; the positions and the end are
 advanced on the device by the graph itself. The attention plan (how the suffixes are split over thread
-blocks) is made for the largest end of a bucket (cache.bucket_bound: powers of two from 256 columns up, capped at
+blocks) is made for the largest end of a bucket (dispatch.bucket_bound: powers of two from 256 columns up, capped at
 the capacity), so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
 first step of a bucket whose plan differs from the previous one's runs eagerly with the new plan (it also
 compiles what the graph needs), and the graph is captured right after it; where the plan stays the same (no
-suffix splits: batches that fill the card, e.g. 17 rows or more of Llama-3-8B on an H100) the graph goes on
-across the bucket. Graph and eager steps run the same kernels with the same plan, so they give identical
+suffix splits: batches whose rows alone fill the card) the graph goes on across the bucket. Graph and eager steps run the same kernels with the same plan, so they give identical
 results.
 
 :func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
@@ -35,10 +34,8 @@ eager transformers) is fused into a few kernels per layer; the cache update and 
 of a new model or batch size (seconds to a minute). Inductor compiles with :data:`INDUCTOR_CONFIG`: its fused
 kernels round each intermediate to the model's dtype where the eager model's separate ops store it
 (``emulate_precision_casts``), so the compiled step follows the eager one's roundings; left to keep float32
-between the fused ops, its bf16 logits drift as far from the eager step's as stock's are from an fp32 model
-(measured on SmolLM2-135M, 64 GSM8K prompts, H100: relative distance 0.0153 -> 0.0054, the same 16 greedy tokens
-as the default decode on 76.6% -> 96.9% of rows, no change in step time). The float32 kept between fused ops was
-a little closer to an fp32 model (error 0.0123; now 0.0152, the default decode's 0.0148, stock's 0.0153).
+between the fused ops, its bf16 logits drift from the eager step's about as far as stock's are from an fp32
+model, for no gain in step time (docs/cuda-graphs.md, "Compiled steps").
 """
 
 from __future__ import annotations
@@ -51,8 +48,10 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
                           MinNewTokensLengthLogitsProcessor, StoppingCriteriaList, StopStringCriteria)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import PrefixSharingCache, bucket_bound
+from .cache import PrefixSharingCache
 from .compat import model_cache_kwarg, output_cache_field
+from .dispatch import bucket_bound
+from .models import layer_devices
 from .projections import fused_qkv
 
 LAG = 4  # decode steps the host may run ahead of the GPU before it waits
@@ -87,8 +86,7 @@ class GraphDecoder:
         R = cache.num_rows
         device = cache.device
         cache.begin_static()
-        self.cursor = cache.cursor  # host count of columns written
-        self.start0 = cache.suffix_start.clone()  # restored by close(): finished rows move theirs
+        self.cursor0 = cache.cursor  # columns written before the first step
         self.ids = torch.zeros(R, 1, dtype=torch.long, device=device)
         self.pos = positions.reshape(R, 1).to(device=device, dtype=torch.long).clone()
         self.logits = torch.empty(R, model.config.vocab_size, dtype=torch.float32, device=device)
@@ -117,17 +115,18 @@ class GraphDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` (int64 [R]) and return the next-token logits, float32 [R, V]: a buffer that the next
         step overwrites (clone what you keep)."""
-        if self.cursor >= self.cache.capacity:
+        cursor = self.cache.cursor
+        if cursor >= self.cache.capacity:
             raise ValueError(
                 f"The PrefixSharingCache holds {self.cache.capacity} suffix columns and all are written: prefill "
                 "it with a larger max_new_tokens."
             )
         self.ids.copy_(tokens.reshape(-1, 1))
-        bound = bucket_bound(self.cursor + 1, self.cache.capacity)
+        bound = bucket_bound(cursor + 1, self.cache.capacity)
         if bound != self.bound:  # a new bucket: the graph goes on if its plan is the same, else one eager step
             key = self.cache.static_plan_key
             same_plan = self.graph is not None and key(bound) == key(self.bound)
-            self.bound = bound  # the cache plans its forward for this bound too (cache.bucket_bound)
+            self.bound = bound  # the cache plans its forward for this bound too (dispatch.bucket_bound)
             if same_plan:
                 self.graph.replay()
             else:
@@ -140,7 +139,7 @@ class GraphDecoder:
             self.graph.replay()
         else:
             self._forward()
-        self.cache.cursor = self.cursor = self.cursor + 1
+        self.cache.count_static_step()
         return self.logits
 
     def _eager_then_capture(self) -> None:
@@ -149,7 +148,7 @@ class GraphDecoder:
         with torch.cuda.stream(side):  # the real step; it also compiles/allocates what the capture needs
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
-        if self.cursor + 1 >= self.bound:  # the bucket has no further step
+        if self.cache.cursor + 1 >= self.bound:  # the bucket has no further step
             return
         before = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
@@ -168,19 +167,13 @@ class GraphDecoder:
         self.captures += 1
         self.graph_bytes = max(self.graph_bytes, torch.cuda.memory_reserved() - before)
 
-    def finish_rows(self, finished: torch.Tensor) -> None:
-        """Rows where ``finished`` (bool [R], device) is true stop costing suffix attention: their suffix start
-        moves past every end (their outputs are padding from now on). In place, so graphs see it."""
-        self.cache.suffix_start.masked_fill_(finished, torch.iinfo(torch.int32).max)
-
-    def close(self) -> None:
-        """Drop the graph, restore the finished rows' suffix starts and leave static mode; records
-        :data:`last_stats`."""
+    def close(self, steps: int | None = None) -> None:
+        """Drop the graph, undo every step after the first ``steps`` (default: keep all), restore the finished
+        rows' suffix starts and leave static mode; records :data:`last_stats`."""
         self.graph = None
         self._held.close()
-        self.cache.suffix_start.copy_(self.start0)
-        self.cache.end_static(self.cursor)
-        static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.start0))
+        self.cache.end_static(self.cache.cursor if steps is None else self.cursor0 + steps)
+        static = sum(t.numel() * t.element_size() for t in (self.ids, self.pos, self.logits, self.cache.suffix_start))
         last_stats.clear()
         last_stats.update(rows=self.cache.num_rows, graphs=self.use_graph, compiled=self.compiled is not None,
                           captures=self.captures, fused_qkv_layers=self.fused_layers,
@@ -195,8 +188,8 @@ class EosFloor(LogitsProcessor):
     """What transformers' ``MinLengthLogitsProcessor`` and ``MinNewTokensLengthLogitsProcessor`` do, in place:
     while the sequences are shorter than ``min_len`` tokens (prompt included), the scores of ``eos`` (int64 ids
     on the scores' device, each in [0, vocab)) become -inf; from then on nothing runs. transformers' versions
-    copy the float32 scores and rewrite all of them on every step (on an H100, 64 rows x 128K vocabulary: 0.16
-    ms of a 7.9 ms decode step); :func:`decode` swaps them for this where it owns the scores tensor."""
+    copy the float32 scores and rewrite all of them on every step (a pass over the logits per step); :func:`decode`
+    swaps them for this where it owns the scores tensor."""
 
     def __init__(self, min_len: int, eos: torch.Tensor):
         self.min_len, self.eos = min_len, eos
@@ -238,6 +231,44 @@ def unsupported(generation_config, model_kwargs: dict) -> str | None:
     return None
 
 
+def decode_policy(model, cuda_graph: bool | None, compile: bool, max_new: int | None, gc, kwargs: dict) -> dict | None:
+    """How decoding runs, for generate's settings ``gc`` (see generation.effective_generation_config): None for transformers'
+    eager loop, else the ``cuda_graph`` / ``compile`` settings of our static loop (graphs.decode).
+
+    ``cuda_graph`` None means CUDA graphs on CUDA when the settings allow them (else transformers' eager loop,
+    said once); True requires them; False never. ``compile`` True requires our static loop (with CUDA graphs on
+    CUDA unless ``cuda_graph`` is False; eager steps elsewhere)."""
+    if cuda_graph is False and not compile:
+        return None
+    reasons = []
+    if max_new is None:
+        reasons.append("max_new_tokens is not set")
+    if why := unsupported(gc, kwargs):
+        reasons.append(why)
+    if kwargs.get("synced_gpus"):
+        reasons.append("synced_gpus (DeepSpeed ZeRO-3 / FSDP)")
+    if compile and several_processes():  # CUDA graphs alone serve tensor parallel (graphs.decode)
+        reasons.append("several processes (tensor parallel)")
+    if layer_devices(model):
+        reasons.append("the model spans several devices (device_map)")
+    cuda = model.device.type == "cuda"
+    if compile:
+        if reasons:
+            raise NotImplementedError(f"compile=True cannot be served: {'; '.join(reasons)}. Pass compile=False.")
+        if cuda_graph and not cuda:
+            raise NotImplementedError(f"cuda_graph=True needs CUDA, the model is on {model.device.type}.")
+        return dict(cuda_graph=cuda and cuda_graph is not False, compile=True)
+    if not cuda:
+        reasons.insert(0, f"the model is on {model.device.type}, not CUDA")
+    if not reasons:
+        return dict(cuda_graph=True, compile=False)
+    if cuda_graph:
+        raise NotImplementedError(f"cuda_graph=True cannot be served: {'; '.join(reasons)}. Pass cuda_graph=None or False.")
+    if cuda:
+        warn_fallback("; ".join(reasons))
+    return None
+
+
 def decode_kwargs(model, kwargs: dict, cuda_graph: bool = True, compile: bool = False) -> dict:
     """``kwargs`` of ``model.generate`` made ready for :func:`decode` as its ``custom_generate``.
 
@@ -269,31 +300,12 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
 
     Same arguments and results as transformers' ``_sample``: ``input_ids`` [B, L] the (expanded) prompts,
     returns the sequences [B, L + new] or a ``GenerateDecoderOnlyOutput`` with scores/logits when asked."""
+    gc = generation_config
+    cache, new = _decode_inputs(model, input_ids, gc, synced_gpus, model_kwargs)
     if graph_streamer is not None:  # transformers did not see it: the prompt goes first, as generate would do
         streamer = graph_streamer
         streamer.put(input_ids.cpu())
-    kw = model_cache_kwarg(model)
-    cache = model_kwargs.get(kw)
-    if not isinstance(cache, PrefixSharingCache):
-        raise TypeError(f"flashforge_hf.graphs.decode needs a PrefixSharingCache as `{kw}` (see prefill_shared).")
-    why = unsupported(generation_config, model_kwargs)
-    if why:
-        raise NotImplementedError(f"flashforge_hf.graphs.decode does not support {why}: use the eager loop "
-                                  "(flashforge_hf.generate(..., cuda_graph=False)).")
-    if synced_gpus:
-        raise NotImplementedError("flashforge_hf.graphs.decode does not support synced_gpus (DeepSpeed ZeRO-3/FSDP).")
     B, L = input_ids.shape
-    if B != cache.num_rows:
-        raise ValueError(f"The cache holds {cache.num_rows} rows but generate expanded the batch to {B}: pass "
-                         "the same num_return_sequences to generate as to prefill_shared.")
-    max_length = generation_config.max_length
-    new = max(0, max_length - L)
-    if cache.cursor + new > cache.capacity:
-        raise ValueError(
-            f"{new} new tokens do not fit the cache's suffix buffers ({cache.capacity - cache.cursor} columns left): "
-            "prefill it with max_new_tokens at least as large as generate's."
-        )
-    gc = generation_config
     pad = gc._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     keep_scores = gc.return_dict_in_generate and gc.output_scores
@@ -309,15 +321,10 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     seq = torch.empty(B, L + new, dtype=input_ids.dtype, device=device)
     seq[:, :L] = input_ids
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    cuda = device.type == "cuda"
-    done_host = torch.zeros(max(new, 1), dtype=torch.bool, pin_memory=cuda)
-    events: list = []
-    checked, stop = 0, None  # steps whose "all done" flag was read; the first step that finished every row
-    # Several processes (tensor parallel): every rank must run the same steps, so the flags are read exactly LAG
-    # steps late, after waiting for that step, never by polling (which would make ranks stop at different steps).
-    lockstep = several_processes()
-    runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and cuda, compile=compile)
-    cursor0 = runner.cursor
+    flags = AllDoneFlags(new, device)
+    stop = None  # the first step that finished every row
+    runner = GraphDecoder(model, cache, positions, use_graph=cuda_graph and device.type == "cuda", compile=compile)
+    n = None  # steps kept: those up to the first that finished every row (later ones are undone)
     try:
         tokens = input_ids[:, -1]
         for t in range(new):
@@ -340,32 +347,15 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
                 streamer.put(tokens.cpu())
             unfinished &= ~stopping_criteria(seq[:, : L + t + 1], next_scores)
             if skip_finished:
-                runner.finish_rows(~unfinished)
-            # Whether every row is done: copied to pinned memory and read once the GPU got there, never waited
-            # for, except that the host stays at most LAG steps ahead (so at most LAG steps run past the end).
-            done_host[t : t + 1].copy_(~unfinished.any().reshape(1), non_blocking=True)
-            if cuda:
-                events.append(torch.cuda.Event())
-                events[-1].record()
-                if t - checked >= LAG:
-                    events[checked].synchronize()
-            newest = t - LAG if lockstep else t  # the newest step whose flag may be read now
-            while checked <= newest and (lockstep or not cuda or events[checked].query()):
-                if bool(done_host[checked]):
-                    stop = checked
-                    break
-                checked += 1
+                cache.retire_rows(~unfinished)
+            stop = flags.record(t, unfinished)
             if stop is not None:
                 break
         else:
-            if cuda:
-                torch.cuda.current_stream().synchronize()
-            done = torch.nonzero(done_host[checked:new]).flatten()
-            stop = checked + int(done[0]) if len(done) else None
+            stop = flags.first_done(new)
         n = new if stop is None else stop + 1
-        runner.cursor = cursor0 + n  # steps run past the end are undone (their columns are never read)
     finally:
-        runner.close()
+        runner.close(steps=n)
     if streamer is not None:
         streamer.end()
     seq = seq[:, : L + n]
@@ -376,6 +366,70 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
             **{output_cache_field(GenerateDecoderOnlyOutput): cache},
         )
     return seq
+
+
+def _decode_inputs(model, input_ids, gc, synced_gpus: bool, model_kwargs: dict) -> tuple[PrefixSharingCache, int]:
+    """(the cache, the number of new tokens) of a :func:`decode` call; raises for what it cannot serve."""
+    kw = model_cache_kwarg(model)
+    cache = model_kwargs.get(kw)
+    if not isinstance(cache, PrefixSharingCache):
+        raise TypeError(f"flashforge_hf.graphs.decode needs a PrefixSharingCache as `{kw}` (see prefill_shared).")
+    why = unsupported(gc, model_kwargs)
+    if why:
+        raise NotImplementedError(f"flashforge_hf.graphs.decode does not support {why}: use the eager loop "
+                                  "(flashforge_hf.generate(..., cuda_graph=False)).")
+    if synced_gpus:
+        raise NotImplementedError("flashforge_hf.graphs.decode does not support synced_gpus (DeepSpeed ZeRO-3/FSDP).")
+    B, L = input_ids.shape
+    if B != cache.num_rows:
+        raise ValueError(f"The cache holds {cache.num_rows} rows but generate expanded the batch to {B}: pass "
+                         "the same num_return_sequences to generate as to prefill_shared.")
+    new = max(0, gc.max_length - L)
+    if cache.cursor + new > cache.capacity:
+        raise ValueError(
+            f"{new} new tokens do not fit the cache's suffix buffers ({cache.capacity - cache.cursor} columns left): "
+            "prefill it with max_new_tokens at least as large as generate's."
+        )
+    return cache, new
+
+
+class AllDoneFlags:
+    """Whether every row has finished after each decode step, learnt without waiting for the GPU: each step's
+    flag is copied to pinned host memory asynchronously and read once the GPU got there; the host runs at most
+    :data:`LAG` steps ahead (so at most LAG steps run past the end, and are undone).
+
+    Several processes (tensor parallel): every rank must run the same steps, so the flags are read exactly LAG
+    steps late, after waiting for that step, never by polling (which would make ranks stop at different steps)."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flags = torch.zeros(max(steps, 1), dtype=torch.bool, pin_memory=self.cuda)
+        self.events: list = []
+        self.checked = 0  # steps whose flag was read
+        self.lockstep = several_processes()
+
+    def record(self, t: int, unfinished: torch.Tensor) -> int | None:
+        """After step ``t`` (``unfinished``: bool [R], device): the first step that finished every row, if known
+        by now, else None."""
+        self.flags[t : t + 1].copy_(~unfinished.any().reshape(1), non_blocking=True)
+        if self.cuda:
+            self.events.append(torch.cuda.Event())
+            self.events[-1].record()
+            if t - self.checked >= LAG:
+                self.events[self.checked].synchronize()
+        newest = t - LAG if self.lockstep else t  # the newest step whose flag may be read now
+        while self.checked <= newest and (self.lockstep or not self.cuda or self.events[self.checked].query()):
+            if bool(self.flags[self.checked]):
+                return self.checked
+            self.checked += 1
+        return None
+
+    def first_done(self, steps: int) -> int | None:
+        """After the last of ``steps`` steps: the first step that finished every row, or None."""
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+        done = torch.nonzero(self.flags[self.checked : steps]).flatten()
+        return self.checked + int(done[0]) if len(done) else None
 
 
 def warn_fallback(reason: str) -> None:

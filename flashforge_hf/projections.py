@@ -1,9 +1,9 @@
 """One GEMM for each attention layer's query, key and value projections while the static decode loop runs.
 
 Decoding reads every weight once per step, so each GEMM is memory-bound; the key and value projections of a GQA
-model are small (1,024 x 4,096 each on Llama-3-8B), and alone they run far below the card's bandwidth (measured
-on an H100 at 64 rows: 6.2 us each for 8.4 MB, about 45% of it; plus a split-K reduction). Fused with the query
-projection into one [q + k + v, hidden] GEMM they stream at the big GEMMs' rate.
+model are small (1,024 x 4,096 each on Llama-3-8B), and alone they run far below the card's bandwidth (too few
+output tiles to fill the SMs, plus a split-K reduction). Fused with the query projection into one
+[q + k + v, hidden] GEMM they stream at the big GEMMs' rate.
 
 :func:`fused_qkv` does this in place for the duration of a ``with`` block (graphs.GraphDecoder holds it for its
 decode, and flashforge_hf.generate around transformers' eager loop, so that both loops run the same GEMMs): the three weights (and biases) move into one buffer, of which the modules' parameters become views (no

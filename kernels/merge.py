@@ -12,7 +12,7 @@ out = sum_j exp(lse_j - M) o_j / sum_j exp(lse_j - M) with M = max_j lse_j, in f
 partials are all -inf gets 0 (never NaN). The kernel folds a row's suffix splits first, then its segment
 partials, each with _common.merge_step from the empty state, then _common.merge_result: with one suffix split,
 the order and arithmetic of suffix_attention_merged's epilogue, so both give bitwise-identical outputs
-(forest.py runs the one in eager layers and the other in captured ones).
+(flashforge_hf/forest_attention.py runs the one in eager layers and the other in captured ones).
 """
 
 import torch
@@ -82,8 +82,7 @@ def bind_merge_partials(o_part, lse_part, row_slot_off, suffix_slot0: int, n_suf
     R, Q, Hq, D = out.shape
     bd = block_d(D)
     # Blocks of 8 query heads with 4 warps; 2 heads with 1 warp where that leaves fewer than 256 programs (few
-    # rows). H100, 8B shapes: 3.0 vs 3.6 us on 64 rows x 5 slots, 3.3 vs 3.4 on 256 x 2, 8.4 vs 13.4 on 16 x 33
-    # against one block of 32 heads per row.
+    # rows): more programs in flight than one block of all heads per row, which is what the merge's latency needs.
     bh, num_warps = min(8, triton.next_power_of_2(Hq)), 4
     if R * Q * triton.cdiv(Hq, bh) < 256:
         bh, num_warps = min(2, bh), 1

@@ -134,10 +134,9 @@ _launch_segment = KernelLauncher(_segment_attention_kernel)
 
 
 def tile_config(block_m: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a BLOCK_M x BLOCK_D query tile. Chosen by
-    ``python benchmarks/attention.py --tune`` on an H100 (bf16, D=128): BLOCK_M=64 tiles at (64, 4, 3) ran the
-    compute-bound shared segments fastest (152 us for 128 rows x 32K keys, ~450 TFLOP/s), ahead of BLOCK_M=128
-    at (64, 8, 3); one-row segments (memory-bound) at (64, 4, 2)."""
+    """(BLOCK_N, num_warps, num_stages) for a BLOCK_M x BLOCK_D query tile, chosen by the attention benchmark's
+    ``--tune`` sweep (bf16, D=128): 64-query tiles at (64, 4, 3) ran the compute-bound shared segments fastest,
+    ahead of 128-query tiles at (64, 8, 3); small tiles (memory-bound, few rows per segment) at (64, 4, 2)."""
     if block_d > 128:
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m <= 32:

@@ -26,7 +26,7 @@ folds the row's segment partials (slots [row_slot_off[r], row_slot_off[r + 1]), 
 launch) into its own result and writes out [R, Q, Hq, D] (model dtype, any strides, last dim contiguous),
 saving the merge launch and the suffix partials' round trip; its output is bitwise that of the merge kernel
 over the same partials (same order, same arithmetic). Both launchers run the same compiled variant (the merge
-is a runtime switch), so a decode that starts or stops splitting compiles nothing new. forest.py uses it for
+is a runtime switch), so a decode that starts or stops splitting compiles nothing new. flashforge_hf/forest_attention.py uses it for
 one-split layers, except in a CUDA graph with shared segments: there the segment kernel runs beside this one
 without the merge, and the merge kernel follows.
 """
@@ -219,10 +219,10 @@ _launch_suffix = KernelLauncher(_suffix_attention_kernel)
 
 def tile_config(block_m: int, block_d: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for a BLOCK_M x BLOCK_D query tile. Decode tiles (BLOCK_M <= 32): 32-key
-    tiles, 4 warps, 2 stages, whose shared memory (21 KB for sm_90 with triton 3.9; 37 KB with 3 stages) leaves
-    room for a segment task on the same SM (captured layers run the segment kernel beside this one, see
-    forest.py); H100 (bf16, D=128, 64 rows x 4,096 shared + 128 own keys, both kernels): 29.8 us per layer with 2
-    stages, 31.3 with 3. Prefill tiles keep (64, 4 or 8, 3)."""
+    tiles, 4 warps, 2 stages, whose shared memory (about 21 KB at D=128; 37 KB with 3 stages) leaves room for a
+    segment task on the same SM (captured layers run the segment kernel beside this one, see
+    flashforge_hf/forest_attention.py), which ran faster per layer than 3 stages. Prefill tiles keep
+    (64, 4 or 8, 3)."""
     if block_d > 128:
         return 32, 8 if block_m >= 64 else 4, 2
     if block_m <= 32:

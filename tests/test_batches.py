@@ -5,6 +5,7 @@ import torch
 
 import flashforge_hf
 import flashforge_hf.generation as ffg
+from flashforge_hf.models import layer_devices
 from flashforge_hf.prefix_tree import build_forest
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
 
@@ -83,7 +84,7 @@ def test_memory_estimate_per_device_under_device_map(pair, entry):
     ff.hf_device_map = {"model.embed_tokens": 0, **{f"model.layers.{i}": int(i >= n // 2) for i in range(n)},
                         "model.norm": 1, "lm_head": 1}
     try:
-        assert ffg.layer_devices(ff) == {torch.device("cuda", 0): n // 2, torch.device("cuda", 1): n - n // 2}
+        assert layer_devices(ff) == {torch.device("cuda", 0): n // 2, torch.device("cuda", 1): n - n // 2}
         assert ffg.prompts_per_batch(ff, forest, 2, 100, "cpu", free_bytes=10**7) > one
         with pytest.raises(NotImplementedError, match="device_map"):
             entry(ff, ids, mask, compile=True, max_new_tokens=2)

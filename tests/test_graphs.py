@@ -12,7 +12,7 @@ from transformers import (LogitsProcessor, LogitsProcessorList, MinLengthLogitsP
                           MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper)
 
 import flashforge_hf
-from flashforge_hf import cache as cache_module
+from flashforge_hf import dispatch
 from flashforge_hf import generation, graphs, planner
 from flashforge_hf.compat import output_cache_field
 from tiny_models import load, save_tiny, tree_batch
@@ -25,7 +25,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def small_buckets(monkeypatch):
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 4)
+    monkeypatch.setattr(dispatch, "MIN_BUCKET", 4)
 
 
 def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
@@ -40,11 +40,11 @@ def _generate(model, ids, mask, ours: bool, seed=None, copies=1, **kw):
 
 
 def test_bucket_bounds(monkeypatch):
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
-    bounds = [cache_module.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)]
+    monkeypatch.setattr(dispatch, "MIN_BUCKET", 256)
+    bounds = [dispatch.bucket_bound(e, 1000) for e in (1, 256, 257, 512, 513, 999)]
     assert bounds == [256, 256, 512, 512, 1000, 1000]
-    assert cache_module.bucket_bound(5, 100) == 100
-    assert cache_module.bucket_bound(1001, 1000) == 1001  # past the capacity (an eager loop's grown buffers)
+    assert dispatch.bucket_bound(5, 100) == 100
+    assert dispatch.bucket_bound(1001, 1000) == 1001  # past the capacity (an eager loop's grown buffers)
 
 
 def _halves(num_rows, num_kv_heads, end, q_len, device, device_model=None):
@@ -61,17 +61,17 @@ def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits, entry
     two splits sized by the bound, planning the eager steps for their own end instead fails this."""
     if splits == "halves":
         monkeypatch.setattr(planner, "plan_suffix_splits", _halves)
-        monkeypatch.setattr(cache_module, "plan_suffix_splits", _halves)
+        monkeypatch.setattr(dispatch, "plan_suffix_splits", _halves)
     planned = []
-    real_plan_forward = cache_module.plan_forward
-    monkeypatch.setattr(cache_module, "plan_forward", lambda *a: planned.append(a[3]) or real_plan_forward(*a))
+    real_plan_forward = dispatch.plan_forward
+    monkeypatch.setattr(dispatch, "plan_forward", lambda *a: planned.append(a[3]) or real_plan_forward(*a))
     ids, mask = tree_batch(seed=3)
     kw = dict(max_new_tokens=40, do_sample=False, return_dict_in_generate=True, output_logits=True, min_shared_tokens=4)
     eager = entry(model, ids, mask, cuda_graph=False, **kw)
     cache = getattr(eager, output_cache_field(type(eager)))
     bounds, planned[:] = list(planned), []
     assert bounds[1:] == [16, 32, cache.capacity], bounds  # the suffixes' prefill, then one plan per bucket
-    monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
+    monkeypatch.setattr(graphs, "decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
     static = entry(model, ids, mask, **kw)
     assert planned == bounds
     assert torch.equal(eager.sequences, static.sequences)
@@ -281,7 +281,7 @@ def test_generate_routes_through_the_loop_across_batches(monkeypatch, entry):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "_decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
+    monkeypatch.setattr(graphs, "decode_policy", lambda *a: dict(cuda_graph=True, compile=False))
     monkeypatch.setattr(graphs, "decode", counted)
     ours = entry(ff, ids, mask, min_shared_tokens=4, batch_size=2, **kw)
     stock = sdpa.generate(input_ids=ids, attention_mask=mask, **kw)
@@ -302,7 +302,7 @@ def test_compiled_steps_equal_stock_and_compile_once(model, monkeypatch, entry):
     not a constant), and a second call with other lengths compiles nothing new. fp32: same tokens as SDPA."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 256)
+    monkeypatch.setattr(dispatch, "MIN_BUCKET", 256)
     sdpa = load(model.name_or_path, "sdpa")
     torch._dynamo.reset()  # compile afresh for each entry point
     before = counters["stats"]["unique_graphs"]

@@ -21,7 +21,7 @@ from flashforge_hf.kernels.merge import merge_partials, merge_partials_reference
 from flashforge_hf.kernels.segment_attention import SegmentTasks, segment_attention, segment_attention_reference
 from flashforge_hf.kernels.suffix_attention import (SuffixTasks, suffix_attention, suffix_attention_merged,
                                                     suffix_attention_merged_reference, suffix_attention_reference)
-from flashforge_hf.forest import forest_attention
+from flashforge_hf.forest_attention import forest_attention
 from flashforge_hf.planner import ONE_SPLIT, DeviceModel, ForestPlan, make_plan, plan_segments, plan_suffix_splits
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -254,7 +254,7 @@ def check_forest(f: Forest, plan, dtype):
     assert err <= limit, f"kernel pipeline error {err:.3g} > {limit:.3g}"
 
     # One split: the suffix kernel merging the segment partials itself, never reading (nor writing) the
-    # suffix slots, bit for bit the merge kernel's output (what eager and captured layers rely on, forest.py);
+    # suffix slots, bit for bit the merge kernel's output (what eager and captured layers rely on, forest_attention.py);
     # its reference, exact in float64.
     if suf.n_splits == 1:
         o_m, lse_m = o_part.clone(), lse_part.clone()

@@ -8,7 +8,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import flashforge_hf
-from flashforge_hf import cache as cache_module
+from flashforge_hf import dispatch
 from flashforge_hf import graphs, planner
 from flashforge_hf.bench_generate import attention
 from test_graphs import ForceEos
@@ -62,10 +62,10 @@ def _assert_same(a, b):
 def _bucket_cases(monkeypatch, sample: bool, splits: str):
     """(ids, mask, generate kwargs) of the bucket tests: buckets from 16 columns up, the planner's plans or
     splits every 16 columns; a tree batch and a shared-prefix batch, 120 steps, greedy or seeded sampling."""
-    monkeypatch.setattr(cache_module, "MIN_BUCKET", 16)
+    monkeypatch.setattr(dispatch, "MIN_BUCKET", 16)
     if splits == "every_16":
         monkeypatch.setattr(planner, "plan_suffix_splits", _split_every_16)
-        monkeypatch.setattr(cache_module, "plan_suffix_splits", _split_every_16)
+        monkeypatch.setattr(dispatch, "plan_suffix_splits", _split_every_16)
     for ids, mask in (tree_batch(seed=1), shared_prefix_batch(batch=6, prefix=300)):
         kw = dict(max_new_tokens=120, do_sample=sample, min_new_tokens=120)
         if sample:

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from flashforge_hf.forest import forest_attention
+from flashforge_hf.forest_attention import forest_attention
 from flashforge_hf.kernels import _common, merge, segment_attention, suffix_attention
 from flashforge_hf.kernels.suffix_attention import SuffixTasks
 from flashforge_hf.planner import ForestPlan, make_plan
@@ -118,7 +118,7 @@ def test_new_kv_written_by_the_suffix_kernel(name, split):
 def test_side_stream_ordering():
     """Six layers back to back with no sync, each layer's q written into one buffer on the current stream after a
     long matmul and its output read right after the call, eagerly and captured in a CUDA graph (where the segment
-    kernel runs on a side stream, see forest.py): every output equals that layer run alone between syncs (the side
+    kernel runs on a side stream, see forest_attention.py): every output equals that layer run alone between syncs (the side
     stream waits for q and for the previous layer's merge, which reads the partials it overwrites; the current
     stream waits for the segments). One suffix split: eager layers merge in the suffix kernel, captured ones in the
     merge kernel, bit for bit alike."""

@@ -1,8 +1,8 @@
 """Segment-forest attention of one layer: shared segments, then each row's suffix, then the merge.
 
-Tier 2 of the package: it calls the kernel launchers (CUDA tensors) with the plan made once per forward pass,
-and knows nothing of transformers. Every other device runs the same math in a few batched PyTorch ops per
-layer (:func:`_forest_attention_host`: one matmul per segment task for all its rows, one for the suffixes, one
+It calls the kernel launchers (CUDA tensors) with the plan made once per forward pass, and knows nothing of
+transformers or of the cache. Every other device runs the same math in a few batched PyTorch ops per layer
+(:func:`_forest_attention_host`: one matmul per segment task for all its rows, one for the suffixes, one
 gathered log-sum-exp merge; its index tables are made at the first layer and kept on the plan); where that does
 not apply (a segment task covering part of a row's queries, several suffix splits, score tensors past
 ``_HOST_MAX_SCORES`` elements) the kernels' PyTorch references run, which are slower (hundreds of small ops per
@@ -12,18 +12,16 @@ On CUDA the launches of a plan are bound once, at the first layer that calls wit
 (device, shapes, strides, dtype, 16-byte alignment), and kept on the plan: every other layer only hands its
 tensors to the bound launches. Captured into a CUDA graph, a layer with shared segments is three launches: the
 segment kernel on a side stream of the device (:func:`side_stream`) beside the suffix kernel (writing its
-partials), the two becoming parallel branches that join before the merge kernel: the segment tasks (tensor-core
-work, one block per SM) and the suffix programs (streaming reads) share the SMs. Measured on an H100 (8B shapes,
-one layer, graph replays): 37.5 -> 29.8 us on 64 rows x 4,096 shared + 128 own keys, 93.5 -> 89.7 on 256 x 650 +
-192, against the segment kernel followed by a suffix kernel that merges in its epilogue. Launched eagerly (no
-capture), where a decode step's time is the host's, a layer is that: the segment kernel, then the suffix kernel
-merging the row's partials itself when it has one split (two launches on the current stream; with several
-splits the merge kernel follows). Without shared segments the suffix kernel merges and writes the output itself
-(one launch) when it has one split; otherwise the merge kernel follows. The suffix kernel's merge and the merge
-kernel fold the same partials in the same order with the same arithmetic (kernels/merge.py), so eager steps and
-graph replays give identical results. Triton compiles for and launches on the current device, so a
-layer on another GPU (device_map) binds and launches under that device; a launch bound on one device and run
-on another fails with "invalid resource handle".
+partials), the two becoming parallel branches that join before the merge kernel, so that the segment tasks
+(tensor-core work) and the suffix programs (streaming reads) share the SMs. Launched eagerly (no capture),
+where a decode step's time is the host's, a layer is the segment kernel, then the suffix kernel merging the
+row's partials itself when it has one split (two launches on the current stream; with several splits the merge
+kernel follows). Without shared segments the suffix kernel merges and writes the output itself (one launch)
+when it has one split; otherwise the merge kernel follows. The suffix kernel's merge and the merge kernel fold
+the same partials in the same order with the same arithmetic (kernels/merge.py), so eager steps and graph
+replays give identical results. Triton compiles for and launches on the current device, so a layer on another
+GPU (device_map) binds and launches under that device; a launch bound on one device and run on another fails
+with "invalid resource handle".
 """
 
 from __future__ import annotations
@@ -179,7 +177,7 @@ def _suffix_bias(prep: dict, plan: ForestPlan, R: int, Q: int, end: int, dtype) 
     """The suffix mask as an additive bias [R, 1, 1, Q, end] (query t of row r sits at column end - Q + t and sees
     columns [start[r], end - Q + t]) and whether some query sees no column. Remade when ``end`` or the starts
     change: a plan of the static decode loop serves several steps, each one column further, and moves the starts
-    of finished rows in place (graphs.GraphDecoder.finish_rows)."""
+    of finished rows in place (PrefixSharingCache.retire_rows)."""
     start = plan.suffix.start
     if prep["end"] != end or not torch.equal(prep["start"], start):
         dev = start.device

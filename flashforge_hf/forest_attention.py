@@ -26,6 +26,8 @@ with "invalid resource handle".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .kernels import merge, segment_attention, suffix_attention
@@ -140,7 +142,24 @@ def forest_attention(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_scale: 
 _HOST_MAX_SCORES = 1 << 24  # score elements per op above which the blocked references run instead (long prefills)
 
 
-def _host_prepare(q, suf_k, plan: ForestPlan):
+@dataclass
+class HostTables:
+    """What every layer of one forward pass shares on a non-CUDA device (see :func:`_host_prepare`).
+
+    tasks: per segment task (kv_lo, kv_hi, rows int64 [r], partial slots int64 [r]);
+    idx:   int64 [R, n]: each row's partial slots for the merge, padded with slot ``pad`` (kept at lse -inf);
+    end, start, bias, empty: the suffix mask of the latest ``end`` and starts (see :func:`_suffix_bias`)."""
+
+    tasks: list
+    idx: torch.Tensor
+    pad: int
+    end: int | None = None
+    start: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    empty: bool = False
+
+
+def _host_prepare(q, suf_k, plan: ForestPlan) -> HostTables | None:
     """What every layer of one forward pass shares on a non-CUDA device, made at its first layer and kept on the
     plan (``plan.launches["host"]``): per segment task its rows and partial slots as index tensors, and the merge's
     gather indices. None when the fast path does not apply (a task that covers part of a row's queries, several
@@ -170,26 +189,26 @@ def _host_prepare(q, suf_k, plan: ForestPlan):
     n = max(map(len, slots))
     pad = plan.n_slots  # one extra slot past the plan's, kept at lse -inf
     idx = torch.tensor([s + [pad] * (n - len(s)) for s in slots], dtype=torch.long, device=dev)
-    return {"tasks": tasks, "idx": idx, "pad": pad, "end": None, "start": None}
+    return HostTables(tasks, idx, pad)
 
 
-def _suffix_bias(prep: dict, plan: ForestPlan, R: int, Q: int, end: int, dtype) -> tuple[torch.Tensor, bool]:
+def _suffix_bias(prep: HostTables, plan: ForestPlan, R: int, Q: int, end: int, dtype) -> tuple[torch.Tensor, bool]:
     """The suffix mask as an additive bias [R, 1, 1, Q, end] (query t of row r sits at column end - Q + t and sees
     columns [start[r], end - Q + t]) and whether some query sees no column. Remade when ``end`` or the starts
     change: a plan of the static decode loop serves several steps, each one column further, and moves the starts
     of finished rows in place (PrefixSharingCache.retire_rows)."""
     start = plan.suffix.start
-    if prep["end"] != end or not torch.equal(prep["start"], start):
+    if prep.end != end or not torch.equal(prep.start, start):
         dev = start.device
         cols = torch.arange(end, device=dev)
         qcol = end - Q + torch.arange(Q, device=dev)
-        prep["start"] = start.clone()
+        prep.start = start.clone()
         start = start.long()
         visible = (cols[None, None, :] >= start[:, None, None]) & (cols[None, None, :] <= qcol[None, :, None])
         bias = torch.zeros(R, 1, 1, Q, end, dtype=dtype, device=dev)
         bias.masked_fill_(~visible[:, None, None], float("-inf"))
-        prep.update(end=end, bias=bias, empty=bool((~visible).all(-1).any()))
-    return prep["bias"], prep["empty"]
+        prep.end, prep.bias, prep.empty = end, bias, bool((~visible).all(-1).any())
+    return prep.bias, prep.empty
 
 
 def _softmax_times(s: torch.Tensor, v: torch.Tensor, mm, masked_rows: bool = False):
@@ -220,14 +239,14 @@ def _forest_attention_host(q, seg_k, seg_v, suf_k, suf_v, plan: ForestPlan, sm_s
     G = Hq // Hkv
     acc = torch.promote_types(q.dtype, torch.float32)
     bias, empty_rows = _suffix_bias(prep, plan, R, Q, end, acc)
-    pad, idx = prep["pad"], prep["idx"]
+    pad, idx = prep.pad, prep.idx
     # Partials [P + 1, Q, Hq, (D)]: the plan's slots, plus the padding slot.
     o_part = torch.empty(pad + 1, Q, Hq, D, dtype=acc, device=q.device)
     lse_part = torch.empty(pad + 1, Q, Hq, dtype=acc, device=q.device)
     lse_part[pad] = float("-inf")
     o_part[pad] = 0
     qa = q.to(acc)
-    for kv_lo, kv_hi, rows, slots in prep["tasks"]:
+    for kv_lo, kv_hi, rows, slots in prep.tasks:
         r = rows.numel()
         # Queries of the task's rows stacked per KV head: [Hkv, r * G * Q, D] (order r, g, t).
         qs = qa.index_select(0, rows).reshape(r, Hkv, G * Q, D).transpose(0, 1).reshape(Hkv, r * G * Q, D)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -107,6 +108,90 @@ def _pow2_at_least(x: int, lo: int) -> int:
     return max(lo, 1 << max(0, math.ceil(math.log2(max(x, 1)))))
 
 
+@dataclass(frozen=True)
+class SegmentLoad:
+    """The shared segments of one plan as the cost model sees them: ``rows_of[s]`` the rows under segment s,
+    ``m_of[s]`` its stacked queries (rows x query tokens x GQA group), ``tiles[s]`` its query tiles of
+    ``block_m``; per KV head, on the card ``dev``."""
+
+    rows_of: dict
+    seg_len: list
+    m_of: dict
+    tiles: dict
+    block_m: int
+    block_n: int
+    head_dim: int
+    itemsize: int
+    num_kv_heads: int
+    dev: DeviceModel
+    on_gpu: bool
+
+    @property
+    def segs(self) -> list[int]:
+        return sorted(self.rows_of)
+
+    def task_cost(self, n: int, m: int) -> float:
+        """Seconds of one task applying ``n`` keys to ``m`` stacked queries (see the module docstring)."""
+        byts = 2 * n * self.head_dim * self.itemsize
+        flops = 4 * _pow2_at_least(m, 16) * n * self.head_dim
+        return max(byts / self.dev.bandwidth, flops / self.dev.flops) + self.dev.task_overhead
+
+    def chunking(self, waves: int) -> tuple[dict, dict]:
+        """(chunks, keys per chunk) of every segment for ``waves`` tasks per SM, each of near-equal cost; chunks
+        hold whole key tiles, so rounding can leave fewer (never empty) chunks than wanted."""
+        target_tasks = max(1, waves * self.dev.num_sms // self.num_kv_heads)
+        per_task = sum(self.tiles[s] * self.task_cost(self.seg_len[s], self.block_m) for s in self.segs) / target_tasks
+        chunks, step = {}, {}
+        for s in self.segs:
+            n = self.seg_len[s]
+            want = 1
+            if self.on_gpu and per_task > 0:
+                want = min(max(1, round(self.task_cost(n, self.block_m) / per_task)), math.ceil(n / self.block_n))
+            step[s] = math.ceil(math.ceil(n / want) / min(self.block_n, n)) * min(self.block_n, n)
+            chunks[s] = math.ceil(n / step[s])
+        return chunks, step
+
+    def estimate(self, chunks: dict) -> float:
+        """Seconds of the segment pass (its K/V read once, its tiles' FLOPs, a fixed cost per task spread over
+        the SMs; slower when no SM holds two tasks) and of its partials' round trip."""
+        dev, hkv, d = self.dev, self.num_kv_heads, self.head_dim
+        programs = hkv * sum(self.tiles[s] * chunks[s] for s in self.segs)
+        byts = hkv * sum(2 * self.seg_len[s] * d * self.itemsize for s in self.segs)
+        flops = hkv * sum(4 * self.tiles[s] * self.block_m * self.seg_len[s] * d for s in self.segs)
+        work = max(byts / dev.bandwidth, flops / dev.flops) + programs * dev.task_overhead / dev.num_sms
+        if programs <= dev.num_sms:
+            work *= SINGLE_TASK_SLOWDOWN
+        partials = sum(chunks[s] * self.m_of[s] for s in self.segs) * hkv * (d + 1) * 4 * 2
+        return work + partials / dev.bandwidth
+
+    def best_chunking(self, waves: int | None) -> tuple[dict, dict]:
+        """The chunking of ``waves`` tasks per SM, or of the cheapest of :data:`WAVES` (one chunk per segment
+        off the GPU)."""
+        options = [self.chunking(w) for w in ((WAVES if waves is None else (waves,)) if self.on_gpu else (1,))]
+        return min(options, key=lambda o: self.estimate(o[0]))
+
+
+def segment_load(paths, seg_len, q_len: int, group: int, num_kv_heads: int, head_dim: int, itemsize: int,
+                 dev: DeviceModel) -> SegmentLoad | None:
+    """The :class:`SegmentLoad` of rows with these ``paths``, or None when no row has a shared segment."""
+    rows_of: dict[int, list[int]] = {}
+    for r, path in enumerate(paths):
+        for s in path:
+            rows_of.setdefault(s, []).append(r)
+    if not rows_of:
+        return None
+    on_gpu = dev is not _CPU_MODEL
+    m_of = {s: len(rows) * q_len * group for s, rows in rows_of.items()}
+    if on_gpu:
+        block_m = min(MAX_BLOCK_M if head_dim <= 128 else 64, _pow2_at_least(max(m_of.values()), 16))
+        block_n = segment_attention.tile_config(block_m, block_d(head_dim))[0]
+    else:
+        block_m, block_n = _pow2_at_least(max(m_of.values()), 1), 64
+    tiles = {s: math.ceil(m / block_m) for s, m in m_of.items()}
+    return SegmentLoad(rows_of, list(seg_len), m_of, tiles, block_m, block_n, head_dim, itemsize, num_kv_heads, dev,
+                       on_gpu)
+
+
 def plan_segments(
     paths: list[list[int]],
     seg_start: list[int],
@@ -124,59 +209,11 @@ def plan_segments(
     ``waves``: tasks per SM to aim at (default: the cheapest of :data:`WAVES`, see the module docstring).
     ``device_model``: the card to plan for (default:
     ``device``'s own; a GPU model plans GPU tiles and chunks for tensors on any device, which tests use)."""
-    R = len(paths)
-    rows_of: dict[int, list[int]] = {}
-    for r, path in enumerate(paths):
-        for s in path:
-            rows_of.setdefault(s, []).append(r)
-    if not rows_of:
-        return None, [0] * (R + 1)
-    dev = device_model or DeviceModel.for_device(device)
-    on_gpu = dev is not _CPU_MODEL
-    segs = sorted(rows_of)
-    m_of = {s: len(rows_of[s]) * q_len * group for s in segs}
-    if on_gpu:
-        block_m = min(MAX_BLOCK_M if head_dim <= 128 else 64, _pow2_at_least(max(m_of.values()), 16))
-        block_n = segment_attention.tile_config(block_m, block_d(head_dim))[0]
-    else:
-        block_m, block_n = _pow2_at_least(max(m_of.values()), 1), 64
-    tiles = {s: math.ceil(m_of[s] / block_m) for s in segs}
-
-    def cost(n: int, m: int) -> float:
-        byts = 2 * n * head_dim * itemsize
-        flops = 4 * _pow2_at_least(m, 16) * n * head_dim
-        return max(byts / dev.bandwidth, flops / dev.flops) + dev.task_overhead
-
-    def chunking(w: int) -> tuple[dict, dict]:
-        """(chunks, keys per chunk) of every segment for ``w`` tasks per SM, each of equal cost."""
-        target_tasks = max(1, w * dev.num_sms // num_kv_heads)
-        per_task = sum(tiles[s] * cost(seg_len[s], block_m) for s in segs) / target_tasks
-        chunks, step = {}, {}
-        for s in segs:
-            n = seg_len[s]
-            want = 1
-            if on_gpu and per_task > 0:
-                want = min(max(1, round(cost(n, block_m) / per_task)), math.ceil(n / block_n))
-            # Whole key tiles per chunk; rounding up to tiles can leave fewer (never empty) chunks than wanted.
-            step[s] = math.ceil(math.ceil(n / want) / min(block_n, n)) * min(block_n, n)
-            chunks[s] = math.ceil(n / step[s])
-        return chunks, step
-
-    def estimate(chunks: dict) -> float:
-        """Seconds of the segment pass (its K/V read once, its tiles' FLOPs, a fixed cost per task spread over
-        the SMs; slower when no SM holds two tasks) and of its partials' round trip."""
-        programs = num_kv_heads * sum(tiles[s] * chunks[s] for s in segs)
-        byts = num_kv_heads * sum(2 * seg_len[s] * head_dim * itemsize for s in segs)
-        flops = num_kv_heads * sum(4 * tiles[s] * block_m * seg_len[s] * head_dim for s in segs)
-        work = max(byts / dev.bandwidth, flops / dev.flops) + programs * dev.task_overhead / dev.num_sms
-        if programs <= dev.num_sms:
-            work *= SINGLE_TASK_SLOWDOWN
-        partials = sum(chunks[s] * m_of[s] for s in segs) * num_kv_heads * (head_dim + 1) * 4 * 2
-        return work + partials / dev.bandwidth
-
-    options = [chunking(w) for w in ((WAVES if waves is None else (waves,)) if on_gpu else (1,))]
-    chunks, step = min(options, key=lambda o: estimate(o[0]))
-
+    load = segment_load(paths, seg_len, q_len, group, num_kv_heads, head_dim, itemsize,
+                        device_model or DeviceModel.for_device(device))
+    if load is None:
+        return None, [0] * (len(paths) + 1)
+    chunks, step = load.best_chunking(waves)
     # Partial slots: per row, its path's segment chunks in path order.
     row_slot_off = [0]
     base_of: dict[tuple[int, int], int] = {}
@@ -186,21 +223,24 @@ def plan_segments(
             base_of[(s, r)] = nxt
             nxt += chunks[s]
         row_slot_off.append(nxt)
-
     seg_rows, row_slot, tasks = [], [], []
-    for s in segs:
+    for s in load.segs:
         rows_lo = len(seg_rows)
-        seg_rows += rows_of[s]
-        row_slot += [base_of[(s, r)] for r in rows_of[s]]
-        n, c = seg_len[s], chunks[s]
-        for ci in range(c):  # every chunk holds keys: each row's slots are all written
+        seg_rows += load.rows_of[s]
+        row_slot += [base_of[(s, r)] for r in load.rows_of[s]]
+        n = seg_len[s]
+        for ci in range(chunks[s]):  # every chunk holds keys: each row's slots are all written
             kv_lo, kv_hi = seg_start[s] + ci * step[s], seg_start[s] + min(n, (ci + 1) * step[s])
-            for m_lo in range(0, m_of[s], block_m):
-                tasks.append((kv_lo, kv_hi, rows_lo, m_lo, min(m_of[s], m_lo + block_m), ci))
-    # Longest tasks first, so that the tail of the grid is made of short ones.
-    tasks.sort(key=lambda t: -(t[1] - t[0]))
-    host = tuple(tasks)
-    # One host-to-device copy for the three tables, each starting 16-byte aligned (alignment picks the variant).
+            for m_lo in range(0, load.m_of[s], load.block_m):
+                tasks.append((kv_lo, kv_hi, rows_lo, m_lo, min(load.m_of[s], m_lo + load.block_m), ci))
+    tasks.sort(key=lambda t: -(t[1] - t[0]))  # longest first, so that the tail of the grid is made of short ones
+    return _upload_tasks(tasks, seg_rows, row_slot, load, device), row_slot_off
+
+
+def _upload_tasks(tasks: list[tuple], seg_rows: list[int], row_slot: list[int], load: SegmentLoad,
+                  device) -> SegmentTasks:
+    """The task tables in one host-to-device copy, each table starting 16-byte aligned (alignment picks the
+    kernel variant)."""
     parts = [[x for t in tasks for x in t], seg_rows, row_slot]
     offs = [0]
     for part in parts:
@@ -209,15 +249,14 @@ def plan_segments(
     for part, o in zip(parts, offs):
         flat[o:o + len(part)] = part
     table = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
-    seg_tasks = SegmentTasks(
+    return SegmentTasks(
         tasks=table[offs[0]:offs[0] + len(parts[0])].view(-1, 6),
         seg_rows=table[offs[1]:offs[1] + len(seg_rows)],
         row_slot=table[offs[2]:offs[2] + len(row_slot)],
-        block_m=block_m,
-        block_n=block_n,
-        host=host,
+        block_m=load.block_m,
+        block_n=load.block_n,
+        host=tuple(tasks),
     )
-    return seg_tasks, row_slot_off
 
 
 ONE_SPLIT = 1 << 30  # split_len of a suffix pass without splits: it covers any end (see plan_suffix_splits)
@@ -240,14 +279,22 @@ def plan_suffix_splits(num_rows: int, num_kv_heads: int, end: int, q_len: int, d
     return (split_len, n_splits) if n_splits > 1 else (ONE_SPLIT, 1)
 
 
-def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device):
+class SegmentPart(NamedTuple):
+    """The part of a plan that depends only on the forest and the query geometry (see :func:`segment_part`)."""
+
+    tasks: SegmentTasks | None
+    row_slot_off: list[int]  # [R + 1] host: each row's range of segment partial slots
+    row_slot_off_dev: torch.Tensor  # the same, int32 on the plan's device
+
+
+def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device) -> SegmentPart:
     """The part of a plan that depends only on the forest and the query length, so that decoding (whose suffixes
-    grow every step) makes it once: (SegmentTasks or None, row_slot_off as Python ints, the same on ``device``)."""
+    grow every step) makes it once."""
     seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
-    return seg_tasks, row_slot_off, torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True)
+    return SegmentPart(seg_tasks, row_slot_off, torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True))
 
 
-def plan_forward(segments, suffix_start: torch.Tensor, suffix_end: torch.Tensor, bound: int, q_len: int,
+def plan_forward(segments: SegmentPart, suffix_start: torch.Tensor, suffix_end: torch.Tensor, bound: int, q_len: int,
                  num_kv_heads: int, device) -> ForestPlan:
     """A forward pass's plan from its ``segments`` part (see :func:`segment_part`) and where the suffixes end:
     ``suffix_end`` int32 [1] on ``device`` (read by the kernel), ``bound`` a host upper bound of it that sizes

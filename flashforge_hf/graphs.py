@@ -35,7 +35,7 @@ of a new model or batch size (seconds to a minute). Inductor compiles with :data
 kernels round each intermediate to the model's dtype where the eager model's separate ops store it
 (``emulate_precision_casts``), so the compiled step follows the eager one's roundings; left to keep float32
 between the fused ops, its bf16 logits drift from the eager step's about as far as stock's are from an fp32
-model, for no gain in step time (docs/cuda-graphs.md, "Compiled steps").
+model, for no gain in step time (docs/cuda-graphs.md, "compile=True").
 """
 
 from __future__ import annotations

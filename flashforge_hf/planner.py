@@ -15,7 +15,7 @@ How many waves: more chunks balance the SMs better, but every chunk of every row
 :data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
 when no SM holds two tasks, plus the partials' bytes written and read) is least. The rates are the card's
 own (:mod:`flashforge_hf.ceilings`); the two constants (a task's fixed cost, the single-task slowdown) are
-calibrated on measured layer times (docs/design.md, "Cost model").
+calibrated on measured layer times (docs/design.md, "The cost model").
 """
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ out of memory is recorded as "OOM".
 Per workload and method: TTFT (from the call to the first token's logits), median time per output token (the
 intervals between a logits processor's CUDA-event stamps), tokens/s (rows x new tokens / total), peak CUDA
 memory of the call, KV-cache bytes after it; per workload the unique KV bytes (each distinct prompt token once,
-plus every row's new tokens) and the floor of a decode step: (weight bytes + unique KV bytes at the middle of
-the generation) / 3.0 TB/s. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
+plus every row's new tokens) and the floor of a decode step at the middle of the generation, the larger of two
+terms (flashforge_hf.ceilings gives the card's rates): bytes, the weights and the unique KV bytes at the
+bandwidth; FLOPs, the GEMMs' 2 * parameters * rows plus attention's 4 * rows * Hq * context * D per layer at the
+matmul rate. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
 so its kernels compile for the timed shapes; the torch baselines on two prompts).
 
 Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (eager
@@ -62,12 +64,13 @@ from types import SimpleNamespace
 import torch
 
 import flashforge_hf
-from flashforge_bench.harness import card_name, git_commit, random_model, read_csv, rel_err, tree_batch, utc_now
+from flashforge_bench.harness import (card_ceilings, card_name, ceilings_line, floor_terms, git_commit, random_model,
+                                      read_csv, rel_err, tree_batch, utc_now)
+from flashforge_hf.ceilings import ceilings_for
 from flashforge_hf.comparison import COMPILED, EAGER, GRAPH, STOCK, Run, attention
 from flashforge_hf.comparison import run_generate as timed_generate
 from flashforge_hf.models import resolve_device
 
-BANDWIDTH = 3.0e12  # B/s, the floor's memory bandwidth (H100 SXM HBM3)
 FORCED = 16  # tokens of the teacher-forced check and of the greedy agreement
 GREEDY_SHARE = 0.9
 STOCK_CHUNKED = "stock-chunked"
@@ -262,6 +265,16 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def step_flops(model, wl: Workload) -> int:
+    """FLOPs of one decode step at the middle of ``wl``'s generation: the GEMMs' 2 * parameters per row, plus
+    attention's 4 * Hq * D per layer, row and context token."""
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    context = wl.prompt_len + wl.new_tokens // 2
+    attention = 4 * cfg.num_attention_heads * d * cfg.num_hidden_layers * context
+    return wl.rows * (2 * sum(p.numel() for p in model.parameters()) + attention)
+
+
 def run_method(model, wl: Workload, method: str, ids, mask, seed: int = 0, **overrides) -> Run:
     """One timed generate of ``wl`` by ``method`` (a METHODS name or "flashforge-explicit")."""
     kw = dict(wl.generate_kwargs(), **overrides)
@@ -401,8 +414,10 @@ def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int =
     per_token = kv_per_token(model)
     unique = per_token * (wl.unique_prompt_tokens + wl.rows * wl.new_tokens)
     middle = per_token * (wl.unique_prompt_tokens + wl.rows * wl.new_tokens // 2)
+    floor = floor_terms(ceilings_for(device), weight_bytes(model) + middle, step_flops(model, wl), unit=1e3)
     base = dict(workload=wl.name, model=wl.shape, rows=wl.rows, prompt_len=wl.prompt_len, new_tokens=wl.new_tokens,
-                unique_kv_gib=unique / 2**30, floor_ms=(weight_bytes(model) + middle) / BANDWIDTH * 1e3)
+                unique_kv_gib=unique / 2**30, floor_ms=floor["floor"], floor_bytes_ms=floor["floor_bytes"],
+                floor_flops_ms=floor["floor_flops"])
     try:
         checks = logits_check(model, wl, ids, check_rows_n)
     except OOM_ERRORS:
@@ -623,7 +638,8 @@ def _compiled_step_groups(model, ids, steps: int, new_tokens: int) -> dict:
 
 # ---- results -----------------------------------------------------------------------------------------------------
 COLUMNS = ["workload", "model", "rows", "prompt_len", "new_tokens", "method", "status", "ttft_ms", "tpot_ms",
-           "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "check_rows",
+           "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "floor_bytes_ms",
+           "floor_flops_ms", "check_rows",
            "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok", "greedy_agree", "greedy_agree_graph",
            "greedy_agree_compiled", "greedy_agree_baselines", "greedy_ok", "card", "date", "commit",
            "command"]
@@ -718,14 +734,17 @@ def targets(rows: list[dict], profile: dict | None) -> list[str]:
     return out
 
 
-def write_markdown(rows: list[dict], profile: dict | None, path: Path) -> None:
+def write_markdown(rows: list[dict], profile: dict | None, path: Path, ceilings) -> None:
     runs = sorted({(r["card"], r["date"], r["commit"], r["command"]) for r in rows})
     lines = ["# End-to-end generate benchmark", ""]
     lines += [f"- {card}, {date}, commit {commit}: `{command}`" for card, date, commit, command in runs]
-    lines += ["", "Random-weight Llama models (see flashforge_hf/bench_e2e.py for the workloads, methods and what "
-              "every column means). Times in ms; memory in GiB; floor: one decode step at 3.0 TB/s.", ""]
+    lines += [f"- {ceilings_line(ceilings)} (the latest run's)"]
+    lines += ["", "Random-weight Llama models (see benchmarks/generate.py for the workloads, methods and what "
+              "every column means). Times in ms; memory in GiB; floor: one decode step, the larger of its bytes "
+              "term (weights + unique KV at the bandwidth) and its FLOPs term (GEMMs + attention at the matmul "
+              "rate).", ""]
     cols = ["workload", "method", "rows", "status", "ttft_ms", "tpot_ms", "tokens_per_s", "peak_gib", "kv_gib",
-            "unique_kv_gib", "floor_ms"]
+            "unique_kv_gib", "floor_ms", "floor_bytes_ms", "floor_flops_ms"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
     checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok",
@@ -780,7 +799,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str,
+def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: str, ceilings,
                   by_method: bool = False) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, profile_path = stem.with_suffix(".csv"), stem.parent / f"{stem.name}_profile.json"
@@ -794,7 +813,7 @@ def write_results(new_rows: list[dict], profile: dict | None, stem: Path, card: 
     elif profile_path.exists():
         profile = json.loads(profile_path.read_text())
     rows = read_csv(csv_path)  # every value as text, as in a later run
-    write_markdown(rows, profile, stem.with_suffix(".md"))
+    write_markdown(rows, profile, stem.with_suffix(".md"), ceilings)
     try:
         plot(rows, stem.with_suffix(".png"), f"FlashForge end-to-end: {card}")
     except ImportError:
@@ -838,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.scale == "full" else "float32"))
     card, tag = card_name(device)
+    ceilings = card_ceilings(device)
     stem = Path(args.out_dir) / (f"generate_{tag}" + ("" if args.scale == "full" else f"_{args.scale}"))
     stamp = dict(card=card, date=utc_now(), commit=args.commit or git_commit(), command="python benchmarks/generate.py " + " ".join(argv))
     start = time.perf_counter()
@@ -868,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(f"{k}={_cell(r.get(k))}" for k in COLUMNS[:-4] if r.get(k) is not None))
         if profile:
             print("profile:", json.dumps(profile))
-        write_results(rows, profile, stem, card, by_method=args.methods is not None)
+        write_results(rows, profile, stem, card, ceilings, by_method=args.methods is not None)
         print(f"{name}: {time.perf_counter() - t0:.1f} s; wrote {stem}.csv/.md/.png")
     return 0
 

@@ -45,7 +45,7 @@ def card_ceilings(device: torch.device) -> Ceilings:
 def ceilings_line(c: Ceilings) -> str:
     """The ceilings for a header: bandwidth and matmul rate, and where they come from."""
     return (f"card ceilings ({c.card}, {c.source}): bandwidth {c.bandwidth / 1e12:.2f} TB/s (device copy, read + "
-            f"write), matmul {c.matmul_flops / 1e12:.0f} TFLOP/s (large matmul, bf16 on CUDA)")
+            f"write), matmul {c.matmul_flops / 1e12:.3g} TFLOP/s (large matmul, bf16 on CUDA)")
 
 
 def floor_terms(c: Ceilings, nbytes: float, flops: float, unit: float = 1e6) -> dict:

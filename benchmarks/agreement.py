@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from flashforge_hf import bench_e2e as be, bench_generate as bg
-from flashforge_hf.bench_attention import _git_commit, rel_err
+from flashforge_bench import generate as be
+from flashforge_bench.harness import git_commit, rel_err
+from flashforge_hf import comparison
 from flashforge_hf.models import encode, load_model, load_tokenizer, resolve_device, smollm2_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the GSM8K example's prompts and loader
@@ -59,13 +60,13 @@ def main() -> int:
     ids, mask = encode(tokenizer, prompts, device)
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False)
     cuda = device.type == "cuda"
-    runs = {"stock (sdpa)": bg.run_generate(model, ids, mask, bg.STOCK, **gen)}
-    with bg.attention(model, "eager"):
-        runs["stock (eager attention)"] = bg.run_generate(model, ids, mask, bg.STOCK, **gen)
-    runs["flashforge"] = bg.run_generate(model, ids, mask, bg.FLASHFORGE, **gen)
-    runs["flashforge eager loop"] = bg.run_generate(model, ids, mask, bg.EAGER, **gen)
+    runs = {"stock (sdpa)": comparison.run_generate(model, ids, mask, comparison.STOCK, **gen)}
+    with comparison.attention(model, "eager"):
+        runs["stock (eager attention)"] = comparison.run_generate(model, ids, mask, comparison.STOCK, **gen)
+    runs["flashforge"] = comparison.run_generate(model, ids, mask, comparison.FLASHFORGE, **gen)
+    runs["flashforge eager loop"] = comparison.run_generate(model, ids, mask, comparison.EAGER, **gen)
     if cuda:
-        runs["flashforge compiled"] = bg.run_generate(model, ids, mask, bg.COMPILED, **gen)
+        runs["flashforge compiled"] = comparison.run_generate(model, ids, mask, comparison.COMPILED, **gen)
     stock = runs["stock (sdpa)"]
     agree = {name: be.greedy_agreement(stock, run) for name, run in runs.items() if run is not stock}
     # Stock against itself in other batch shapes (each batch padded to its own longest prompt): the same math in
@@ -75,7 +76,7 @@ def main() -> int:
         tokens = []
         for i in range(0, len(prompts), size):
             b_ids, b_mask = encode(tokenizer, prompts[i:i + size], device)
-            tokens.append(bg.run_generate(model, b_ids, b_mask, bg.STOCK, **gen).sequences[:, b_ids.shape[1]:][:, :N])
+            tokens.append(comparison.run_generate(model, b_ids, b_mask, comparison.STOCK, **gen).sequences[:, b_ids.shape[1]:][:, :N])
         agree[name] = be.token_agreement(torch.cat(tokens), stock.sequences[:, ids.shape[1]:], N)
     forced = stock.sequences[:, ids.shape[1]:].to(device)
     logits = {"stock (sdpa)": be.teacher_forced(model, ids, mask, forced, ours=False),
@@ -87,12 +88,12 @@ def main() -> int:
     else:
         reference = copy.deepcopy(model).float()
         ref = be.teacher_forced(reference, ids, mask, forced, ours=False)
-        fp32 = bg.run_generate(reference, ids, mask, bg.STOCK, **gen)
+        fp32 = comparison.run_generate(reference, ids, mask, comparison.STOCK, **gen)
     top = ref.argmax(-1)
     result = dict(model=path, dtype=args.dtype, rows=len(prompts), prompt_columns=ids.shape[1], tokens=N,
                   card=torch.cuda.get_device_name(device) if cuda else "CPU",
                   date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-                  commit=args.commit or _git_commit(), command="python benchmarks/agreement.py " + " ".join(sys.argv[1:]),
+                  commit=args.commit or git_commit(), command="python benchmarks/agreement.py " + " ".join(sys.argv[1:]),
                   greedy_agreement_with_stock=agree,
                   greedy_agreement_with_fp32={k: be.greedy_agreement(fp32, run) for k, run in runs.items()},
                   greedy_agreement_with_flashforge={k: be.greedy_agreement(runs["flashforge"], runs[k])

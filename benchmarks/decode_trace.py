@@ -19,14 +19,15 @@ import torch
 from transformers import LogitsProcessorList
 
 import flashforge_hf
-from flashforge_hf import bench_e2e as be, bench_generate as bg
-from flashforge_hf.bench_attention import _git_commit, card_name
+from flashforge_bench import generate as be
+from flashforge_bench.harness import card_name, git_commit, random_model
+from flashforge_hf.comparison import StepClock
 
 TRACED = 6  # decode steps in the kernel trace
 
 
-class _Probe(bg._StepClock):
-    """The step clock of bench_generate (a CUDA event per decode step), plus every 16 steps the SM clock (MHz)
+class _Probe(StepClock):
+    """The step clock of flashforge_hf.comparison (a CUDA event per decode step), plus every 16 steps the SM clock (MHz)
     and power (W); starts and stops ``prof`` around steps [lo, lo + TRACED)."""
 
     def __init__(self, prof, lo):
@@ -79,7 +80,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
     card, tag = card_name(device)
-    model = bg.random_model("llama-8b", device, torch.bfloat16)
+    model = random_model("llama-8b", device, torch.bfloat16)
     results = []
     for name in args.workloads:
         for min_new in (True, False):
@@ -88,7 +89,7 @@ def main() -> int:
             results.append(r)
         be.free_memory()
     stamp = (f"{card}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit "
-             f"{args.commit or _git_commit()}, `python benchmarks/decode_trace.py {' '.join(sys.argv[1:])}`")
+             f"{args.commit or git_commit()}, `python benchmarks/decode_trace.py {' '.join(sys.argv[1:])}`")
     lines = ["# Compiled decode steps inside a real generate", "", stamp, "",
              "min_new_tokens: the benchmark's setting (every row generates new_tokens; transformers then adds its "
              "MinNewTokensLength processor, which the decode loop runs in place since d3a3d2a: EOS scores set to -inf, "

@@ -51,15 +51,14 @@ def _load(folder: str, mode: str, dtype, attn: str = "flashforge"):
 
 
 def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
-    from flashforge_hf import bench_e2e as be
-    from flashforge_hf import bench_generate as bg
-    from flashforge_hf.bench_attention import card_name, rel_err
+    from flashforge_bench import generate as be
+    from flashforge_bench.harness import card_name, rel_err, tree_batch
     from flashforge_hf.models import layer_devices
 
     torch.set_grad_enabled(False)
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     levels = ((doc, 1), (64, questions))  # the document, then the questions of 64 tokens
-    ids, mask = bg.tree_batch(levels, vocab, "cpu")
+    ids, mask = tree_batch(levels, vocab, "cpu")
     sub = ids[be.check_rows(ids.shape[0], CHECK_ROWS)]
     forced = torch.randint(3, vocab, (sub.shape[0], FORCED), generator=torch.Generator().manual_seed(1))
     ones = torch.ones_like(sub)
@@ -67,7 +66,7 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
     ref_model = _load(folder, mode, torch.float32)  # the fp32 reference, same placement
     dev = ref_model.get_input_embeddings().weight.device
     ref = be.teacher_forced(ref_model, sub.to(dev), ones.to(dev), forced.to(dev), ours=False)
-    run32 = bg.run_generate(ref_model, ids.to(dev), mask.to(dev), bg.EAGER, max_new_tokens=FORCED,
+    run32 = be.run_generate(ref_model, ids.to(dev), mask.to(dev), be.EAGER, max_new_tokens=FORCED,
                             min_new_tokens=FORCED, do_sample=False)
     greedy_fp32 = run32.sequences[:, ids.shape[1]:].tolist()
     del ref_model, run32
@@ -82,16 +81,16 @@ def run(folder: str, mode: str, doc: int, questions: int, new: int) -> dict:
         err[name] = rel_err(logits, ref)
     wl = be.Workload("doc-qa", "llama-8b", levels, new)
     greedy = {}
-    for name, method in (("ours", bg.EAGER), ("stock", bg.REUSE)):
-        run16 = bg.run_generate(model, ids, mask, method, max_new_tokens=FORCED, min_new_tokens=FORCED,
+    for name, method in (("ours", be.EAGER), ("stock", be.REUSE)):
+        run16 = be.run_generate(model, ids, mask, method, max_new_tokens=FORCED, min_new_tokens=FORCED,
                                 do_sample=False)
         greedy[name] = run16.sequences[:, ids.shape[1]:].tolist()
     timings = {}
     if mode != "single":
-        graph = (bg.GRAPH,) if mode == "tp" and dev.type == "cuda" else ()  # device_map: one device needed
-        for method in (bg.REUSE, bg.EAGER) + graph:
+        graph = (be.GRAPH,) if mode == "tp" and dev.type == "cuda" else ()  # device_map: one device needed
+        for method in (be.REUSE, be.EAGER) + graph:
             r = be.measure(model, wl, method, ids, mask, repeats=2)
-            timings[method] = be.run_metrics(r) if isinstance(r, bg.Run) else dict(status=r)
+            timings[method] = be.run_metrics(r) if isinstance(r, be.Run) else dict(status=r)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     return dict(mode=mode, card=card_name(dev)[0],
                 doc=doc, questions=questions, new_tokens=new,
@@ -148,9 +147,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per question, timed runs (default 64)")
     args = ap.parse_args()
     if args.what == "save":
-        from flashforge_hf import bench_generate as bg
+        from flashforge_bench.harness import random_model
 
-        bg.random_model("llama-8b", torch.device("cuda", 0), torch.bfloat16, max_positions=8192).save_pretrained(
+        random_model("llama-8b", torch.device("cuda", 0), torch.bfloat16, max_positions=8192).save_pretrained(
             args.paths[0])
         return
     if args.what == "report":

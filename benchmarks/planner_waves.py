@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from flashforge_hf import bench_attention as ba, planner
+from flashforge_bench import attention as ba
+from flashforge_bench.harness import card_name, git_commit, n_copies, time_calls
 
 
 def main() -> int:
@@ -27,20 +28,17 @@ def main() -> int:
     for case in cases:
         layer = ba.make_layer(case, gen, "cuda")
         row = {"case": case.name}
-        for label, waves in (("two waves", (2,)), ("planner's choice", planner.WAVES), ("two waves again", (2,))):
-            saved, planner.WAVES = planner.WAVES, waves
-            try:
-                calls, plan, _ = ba.ours_calls(layer, ba.n_copies(case.unique_kv_tokens() * ba.HKV * ba.D * 4))
-                row[label] = round(ba.time_calls(calls, 60)["graph_us"], 2)
+        for label, waves in (("two waves", (2,)), ("planner's choice", ba.FF.planner.WAVES), ("two waves again", (2,))):
+            with ba.patched(ba.FF.planner, WAVES=waves):
+                calls, plan, _ = ba.ours_calls(layer, n_copies(case.unique_kv_tokens() * ba.HKV * ba.D * 4))
+                row[label] = round(time_calls(calls, 60)["graph_us"], 2)
                 row[label + " slots/row"] = int(plan.row_slot_off[1]) if plan.segments is not None else 0
-            finally:
-                planner.WAVES = saved
         print(json.dumps(row), flush=True)
         rows.append(row)
         del layer
         torch.cuda.empty_cache()
-    card, slug = ba.card_name(torch.device("cuda"))
-    commit = args.commit or ba._git_commit()
+    card, slug = card_name(torch.device("cuda"))
+    commit = args.commit or git_commit()
     lines = [f"# Planner waves: two vs the planner's choice ({card})", "",
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
              f"`python {' '.join(sys.argv)}`", "",

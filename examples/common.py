@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 import flashforge_hf
 from flashforge_hf import cli
-from flashforge_hf.bench_generate import STOCK, stop_ids, compare, generated_ids, run_generate
+from flashforge_hf.comparison import STOCK, stop_ids, compare, generated_ids, run_generate
 from flashforge_hf.models import decode_texts, encode
 
 # Small samples of the public data sets (data/SOURCES.md says where each comes from): the tests and offline runs

@@ -24,7 +24,7 @@ import argparse
 from common import load_records
 
 from flashforge_hf import cli
-from flashforge_hf.bench_generate import compare
+from flashforge_hf.comparison import compare
 from flashforge_hf.models import decode_texts, encode
 
 TASKS = ("coursera", "financial_qa", "legal_contract_qa", "multidoc_qa")

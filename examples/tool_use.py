@@ -19,7 +19,7 @@ from pathlib import Path
 from common import read_records
 
 from flashforge_hf import cli
-from flashforge_hf.bench_generate import compare
+from flashforge_hf.comparison import compare
 from flashforge_hf.models import decode_texts, encode
 
 SYSTEM = (

@@ -10,12 +10,10 @@ import argparse
 import importlib
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from . import bench_generate as bg
-from . import demo_prompts
+from . import comparison, demo_prompts
 from .models import ModelUnavailable, decode_texts, encode, load_model, load_tokenizer, resolve_device, resolve_dtype, smollm2_path
 
 
@@ -75,11 +73,11 @@ def load(args):
     return load_model(path, device, dtype), load_tokenizer(path)
 
 
-def print_comparison(stock: bg.Run, ours: bg.Run, file=sys.stdout) -> None:
+def print_comparison(stock: comparison.Run, ours: comparison.Run, file=sys.stdout) -> None:
     """The stock vs FlashForge table of one batch, with its shape."""
     print(f"\nbatch of {stock.sequences.shape[0]} prompts, {stock.prompt_len} columns; "
           f"{stock.steps} / {ours.steps} decode steps (stock / flashforge)", file=file)
-    print(bg.format_table(stock, ours), file=file)
+    print(comparison.format_table(stock, ours), file=file)
 
 
 # ---- demo ------------------------------------------------------------------------------------------------------
@@ -94,7 +92,7 @@ def cmd_demo(args) -> int:
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if not chat:  # plain few-shot text: the model would go on with the next "Q:" block
         gen.update(stop_strings=["\nQ:"], tokenizer=tokenizer)
-    stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, **decoding(args), **gen)
+    stock, ours = comparison.compare(model, ids, mask, warmup=not args.no_warmup, **decoding(args), **gen)
     texts = {label: decode_texts(tokenizer, run.new_ids)
              for label, run in (("stock", stock), ("flashforge", ours))}  # ours.mode names the --cuda-graph setting
     for i, (question, expected) in enumerate(questions):
@@ -145,13 +143,13 @@ def cmd_generate(args) -> int:
         for batch in batches:
             ids, mask = encode(tokenizer, [p for _, p in batch], model.device)
             if args.stock:
-                stock, ours = bg.compare(model, ids, mask, warmup=not args.no_warmup, seed=args.seed,
+                stock, ours = comparison.compare(model, ids, mask, warmup=not args.no_warmup, seed=args.seed,
                                          **decoding(args), **gen)
                 print_comparison(stock, ours, file=sys.stderr)
-                all_identical &= bg.same_tokens(stock, ours)
+                all_identical &= comparison.same_tokens(stock, ours)
             else:
-                mode = bg.flashforge_mode(**decoding(args))
-                ours = bg.run_generate(model, ids, mask, mode, seed=args.seed, progress=True, **gen)
+                mode = comparison.flashforge_mode(**decoding(args))
+                ours = comparison.run_generate(model, ids, mask, mode, seed=args.seed, progress=True, **gen)
                 print(f"batch of {len(batch)}: {ours.generated_tokens} tokens in {ours.total_s:.2f} s "
                       f"(TTFT {ours.ttft_s * 1e3:.0f} ms, {ours.tokens_per_s:.1f} tokens/s)", file=sys.stderr)
             texts = decode_texts(tokenizer, ours.new_ids)
@@ -169,36 +167,23 @@ def cmd_generate(args) -> int:
 
 
 # ---- bench -----------------------------------------------------------------------------------------------------
-def cmd_bench_generate(args) -> int:
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.model:
-        model = load_model(args.model, device, dtype)
-        name = Path(args.model).name
-    else:
-        model = bg.random_model(args.shape, device, dtype)
-        name = f"{args.shape} (random weights)"
-    rows = bg.bench_generate(model, args.workload, args.batch_sizes, args.max_new_tokens,
-                             shared_len=args.shared_len, suffix_len=args.suffix_len)
-    out = Path(args.out_dir)
-    csv_path, png_path = out / "bench_generate.csv", out / "bench_generate.png"
-    bg.write_csv(rows, csv_path)
-    print(f"wrote {csv_path}")
-    for r in rows:
-        print(f"{r['workload']:>9} batch {r['batch']:>4} {r['mode']:>10}: TTFT {r['ttft_s'] * 1e3:9.1f} ms  "
-              f"TPOT {r['tpot_s'] * 1e3:8.2f} ms  {r['tokens_per_s']:9.1f} tok/s  KV {r['kv_bytes'] / 2**20:9.1f} MiB"
-              f"  identical {r['identical_tokens']}")
+# `bench NAME ...` handed whole to a benchmark module's own main(argv) (its --help included), imported only then:
+# the benchmarks are the package flashforge_bench (the checkout's benchmarks/ folder), installed beside this one.
+FORWARDED_BENCHMARKS = {"attention": "flashforge_bench.attention", "generate": "flashforge_bench.generate_sweep",
+                        "e2e": "flashforge_bench.generate"}
+
+
+def run_benchmark(name: str, argv: list[str]) -> int:
+    """``flashforge-hf bench NAME ARGS``: the benchmark module's ``main(ARGS)``."""
+    module = FORWARDED_BENCHMARKS[name]
     try:
-        bg.plot(rows, png_path, f"stock vs flashforge generate: {name}, {device}, {str(dtype).removeprefix('torch.')}")
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {png_path}")
-    return 0
-
-
-# `bench NAME ...` handed whole to a benchmark module's own main(argv) (its --help included), imported only then.
-FORWARDED_BENCHMARKS = {"attention": "bench_attention", "e2e": "bench_e2e"}
+        bench = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("flashforge_bench"):
+            raise
+        raise SystemExit(f"error: `flashforge-hf bench {name}` runs {module}, which is not importable ({e}): it "
+                         "installs with flashforge-hf (pip install . in a checkout, or pip install -e .).") from None
+    return bench.main(argv)
 
 
 def run_lm_eval(argv: list[str]) -> int:
@@ -268,36 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks, written as CSV plus a PNG plot",
                            description="Benchmarks: CSV and PNG (the plot needs matplotlib: pip install matplotlib).")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    bgen = bench_sub.add_parser("generate", help="end-to-end generate, stock vs FlashForge",
-                                description="End-to-end greedy generation, stock vs FlashForge, on synthetic "
-                                "shared-prefix batches (random token ids): TTFT, time per output token, tokens/s, "
-                                "KV-cache bytes and (CUDA) peak memory per workload and batch size. Workloads: "
-                                + "; ".join(f"{k}: {v['description']} ({v['shared_len']} shared + {v['suffix_len']} "
-                                            f"own tokens per row)" for k, v in bg.WORKLOADS.items()) + ".")
-    bgen.add_argument("--shape", choices=list(bg.SHAPES), default="tiny",
-                      help="Llama shape with random weights (default tiny); ignored with --model")
-    bgen.add_argument("--model", metavar="PATH", help="a local model folder instead of a random-weight shape")
-    bgen.add_argument("--workload", nargs="+", choices=list(bg.WORKLOADS), default=list(bg.WORKLOADS),
-                      help="workload presets (default: all)")
-    bgen.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 4, 16], metavar="N",
-                      help="batch sizes to sweep (default 1 4 16)")
-    bgen.add_argument("--shared-len", type=int, help="override the workloads' shared prefix length (tokens)")
-    bgen.add_argument("--suffix-len", type=int, help="override the workloads' per-row suffix length (tokens)")
-    bgen.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per row (default 32)")
-    bgen.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; default auto")
-    bgen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                      help="default auto: bfloat16 on CUDA, float32 on CPU")
-    bgen.add_argument("--out-dir", default="bench_results", metavar="DIR",
-                      help="where bench_generate.csv and bench_generate.png go (default ./bench_results)")
-    bgen.set_defaults(func=cmd_bench_generate)
+    bgen = bench_sub.add_parser("generate", add_help=False, help="end-to-end generate, stock vs FlashForge",
+                                description="Runs flashforge_bench.generate_sweep (benchmarks/generate_sweep.py): "
+                                "stock vs FlashForge generate on synthetic shared-prefix batches over batch sizes; "
+                                "CSV and PNG. Its options: flashforge-hf bench generate --help")
+    bgen.add_argument("args", nargs=argparse.REMAINDER, help="passed to the generate sweep (see its --help)")
     batt = bench_sub.add_parser("attention", add_help=False,
                                 help="one attention layer on the GPU: ours vs SDPA on per-row KV, floor, targets",
-                                description="Runs flashforge_hf.bench_attention (needs CUDA); writes CSV, a markdown "
-                                "table and a PNG under benchmarks/results/. Its options: flashforge-hf bench attention --help")
+                                description="Runs flashforge_bench.attention (benchmarks/attention.py; needs CUDA): "
+                                "writes CSV, a markdown table and a PNG under benchmarks/results/. Its options: flashforge-hf bench attention --help")
     batt.add_argument("args", nargs=argparse.REMAINDER, help="passed to the attention benchmark (see its --help)")
     be2e = bench_sub.add_parser("e2e", add_help=False,
                                 help="end-to-end generate on Llama-3 8B/1B shapes: stock, chunked, prefix reuse, ours",
-                                description="Runs flashforge_hf.bench_e2e (benchmarks/generate.py): workloads, "
+                                description="Runs flashforge_bench.generate (benchmarks/generate.py): workloads, "
                                 "correctness checks, decode-step profile, capacity search; CSV, markdown and PNG under "
                                 "benchmarks/results/. Its options: flashforge-hf bench e2e --help")
     be2e.add_argument("args", nargs=argparse.REMAINDER, help="passed to the end-to-end benchmark (see its --help)")
@@ -309,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:
         return run_lm_eval(argv[1:])
     if argv[:1] == ["bench"] and argv[1:2] and argv[1] in FORWARDED_BENCHMARKS:
-        return importlib.import_module(f".{FORWARDED_BENCHMARKS[argv[1]]}", __package__).main(argv[2:])
+        return run_benchmark(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     return args.func(args)

@@ -102,7 +102,7 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 def load_model(path: str, device: torch.device, dtype: torch.dtype):
     """The model at ``path`` with attn_implementation="flashforge", in eval mode on ``device`` in ``dtype``.
 
-    Stock runs use the same model switched to "sdpa" (:func:`flashforge_hf.bench_generate.attention`)."""
+    Stock runs use the same model switched to "sdpa" (:func:`flashforge_hf.comparison.attention`)."""
     import flashforge_hf  # noqa: F401  (registers attn_implementation="flashforge")
     from transformers import AutoModelForCausalLM
 

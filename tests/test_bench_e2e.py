@@ -1,5 +1,6 @@
-"""The end-to-end generate benchmark (flashforge_hf.bench_e2e) at --scale tiny on the CPU: every workload, the
-capacity search and the profile run; the checks pass; a method that runs out of memory is recorded as OOM."""
+"""The end-to-end generate benchmark (flashforge_bench.generate, benchmarks/generate.py) at --scale tiny on the
+CPU: every workload, the capacity search and the profile run; the checks pass; a method that runs out of memory
+is recorded as OOM."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import importlib.util
 
 import torch
 
-from flashforge_hf import bench_e2e as be
-from flashforge_hf import bench_generate as bg
+from flashforge_bench import generate as be
 from flashforge_hf import cli
 
 def test_workloads_match_the_issue():
@@ -19,9 +19,9 @@ def test_workloads_match_the_issue():
     assert w["few-shot-1b"].shape == "llama-1b" and w["few-shot-8b"].levels == ((650, 1), (64, 256))
     assert (w["parallel-sampling"].rows, w["parallel-sampling"].generate_kwargs()["do_sample"]) == (64, True)
     assert (w["tree"].rows, w["tree"].prompt_len, w["tree"].unique_prompt_tokens) == (64, 3136, 1024 + 8 * 2048 + 64 * 64)
-    assert w["no-sharing"].methods() == [bg.STOCK, bg.EAGER, bg.GRAPH, bg.COMPILED]
-    assert w["no-sharing"].methods(cuda=False) == [bg.STOCK, bg.EAGER]
-    assert w["batch-1"].methods() == [bg.STOCK_COMPILED, bg.STOCK, bg.REUSE, bg.EAGER, bg.GRAPH, bg.COMPILED]
+    assert w["no-sharing"].methods() == [be.STOCK, be.EAGER, be.GRAPH, be.COMPILED]
+    assert w["no-sharing"].methods(cuda=False) == [be.STOCK, be.EAGER]
+    assert w["batch-1"].methods() == [be.STOCK_COMPILED, be.STOCK, be.REUSE, be.EAGER, be.GRAPH, be.COMPILED]
     ids, mask = w["tree"].scaled("tiny").batch(1000, "cpu")
     assert ids.shape == (16, 32 + 64 + 4) and bool(mask.all())
     assert torch.equal(ids[0, :96], ids[3, :96]) and not torch.equal(ids[0, :96], ids[4, :96])
@@ -41,35 +41,40 @@ def test_largest_batch_bisects_to_the_limit():
 
 
 def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
-    real = bg.run_generate
+    real = be.run_generate
 
     def stock_runs_out_of_memory(model, ids, mask, mode, **kw):
-        if mode == bg.STOCK and "prefill_chunk_size" not in kw and ids.shape[0] > 2:  # its timed runs, not warm-ups
+        if mode == be.STOCK and "prefill_chunk_size" not in kw and ids.shape[0] > 2:  # its timed runs, not warm-ups
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, ids, mask, mode, **kw)
 
-    monkeypatch.setattr(bg, "run_generate", stock_runs_out_of_memory)
+    monkeypatch.setattr(be, "run_generate", stock_runs_out_of_memory)
     assert cli.main(["bench", "e2e", "--scale", "tiny", "--out-dir", str(tmp_path), "--commit", "test",
                      "--workloads", "doc-qa-4k", "tree", "parallel-sampling", "capacity", "profile"]) == 0
     with open(tmp_path / "generate_cpu_tiny.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == be.COLUMNS
     got = {(r["workload"], r["method"]): r for r in rows}
-    cpu = (bg.STOCK, bg.REUSE, bg.EAGER)  # stock-chunked on the document workloads only; no CUDA-only methods
+    cpu = (be.STOCK, be.REUSE, be.EAGER)  # stock-chunked on the document workloads only; no CUDA-only methods
     assert set(got) == {("doc-qa-4k", m) for m in cpu + (be.STOCK_CHUNKED,)} | {("tree", m) for m in cpu} \
         | {("parallel-sampling", m) for m in cpu} \
         | {("capacity", m) for m in be.CAPACITY_METHODS}
-    assert got["doc-qa-4k", bg.STOCK]["status"] == "OOM" and got["doc-qa-4k", bg.STOCK]["tpot_ms"] == ""
+    assert got["doc-qa-4k", be.STOCK]["status"] == "OOM" and got["doc-qa-4k", be.STOCK]["tpot_ms"] == ""
     for (workload, method), r in got.items():
         if workload != "capacity":
             assert r["logits_ok"] == "True" and r["greedy_ok"] == "True", r
         if r["status"] == "ok":
             assert float(r["ttft_ms"]) > 0 and float(r["tpot_ms"]) > 0 and float(r["kv_gib"]) > 0
-    ours = got["doc-qa-4k", bg.EAGER]
+    ours = got["doc-qa-4k", be.EAGER]
     assert float(ours["kv_gib"]) <= 1.05 * float(ours["unique_kv_gib"])
-    assert got["capacity", bg.EXPLICIT]["rows"] == "8"  # nothing runs out of memory on the CPU: the cap
+    assert got["capacity", be.EXPLICIT]["rows"] == "8"  # nothing runs out of memory on the CPU: the cap
+    for r in rows:  # the decode-step floor: the larger of its bytes and FLOPs terms, both > 0
+        if r["workload"] != "capacity":
+            terms = float(r["floor_bytes_ms"]), float(r["floor_flops_ms"])
+            assert min(terms) > 0 and float(r["floor_ms"]) == max(terms), r
     md = (tmp_path / "generate_cpu_tiny.md").read_text()
     assert "commit test" in md and "## Targets" in md and "| doc-qa-4k | stock | 4 | OOM |" in md
+    assert "card ceilings (CPU, measured): bandwidth " in md and " TFLOP/s (large matmul, bf16 on CUDA)" in md
     assert "host us per layer per decode step (ours):" in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "generate_cpu_tiny.png").stat().st_size > 0
@@ -78,19 +83,19 @@ def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
     assert '"plans_per_step": 0.0' in profile and '"suffix_buffer_moved": false' in profile
 
     # A later run of one workload replaces its rows and keeps the others.
-    monkeypatch.setattr(bg, "run_generate", real)
+    monkeypatch.setattr(be, "run_generate", real)
     assert be.main(["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "doc-qa-4k"]) == 0
     with open(tmp_path / "generate_cpu_tiny.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["workload"], r["method"]): r["status"] for r in rows}["doc-qa-4k", bg.STOCK] == "ok"
+    assert {(r["workload"], r["method"]): r["status"] for r in rows}["doc-qa-4k", be.STOCK] == "ok"
     assert len(rows) == len(got)
 
     # --methods re-runs only those methods and keeps the workload's other rows.
-    assert be.main(["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "tree", "--methods", bg.EAGER,
+    assert be.main(["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "tree", "--methods", be.EAGER,
                     "--commit", "again"]) == 0
     with open(tmp_path / "generate_cpu_tiny.csv") as f:
         rows = {(r["workload"], r["method"]): r["commit"] for r in csv.DictReader(f)}
-    assert len(rows) == len(got) and rows["tree", bg.EAGER] == "again" and rows["tree", bg.STOCK] == "test"
+    assert len(rows) == len(got) and rows["tree", be.EAGER] == "again" and rows["tree", be.STOCK] == "test"
 
 
 def test_commit_is_only_read_from_our_own_checkout(tmp_path):
@@ -99,11 +104,11 @@ def test_commit_is_only_read_from_our_own_checkout(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from flashforge_hf.bench_attention import _git_commit
+    from flashforge_bench.harness import git_commit
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / "copy").mkdir()
-    assert _git_commit(tmp_path / "copy") == "unknown"
-    assert _git_commit(tmp_path) == "unknown"  # a repository without commits
-    ours = _git_commit(Path(be.__file__).resolve().parents[1])
+    assert git_commit(tmp_path / "copy") == "unknown"
+    assert git_commit(tmp_path) == "unknown"  # a repository without commits
+    ours = git_commit(Path(be.__file__).resolve().parents[1])
     assert ours == "unknown" or len(ours.split("+")[0]) == 40

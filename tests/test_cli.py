@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -34,9 +35,27 @@ def _all_actions(parser: argparse.ArgumentParser):
 
 
 def test_every_option_has_help():
-    missing = [f"{prog} {action.option_strings}" for prog, action in _all_actions(cli.build_parser())
+    """The CLI's options and those of the benchmarks that `flashforge-hf bench NAME` hands its arguments to."""
+    parsers = [cli.build_parser()] + [importlib.import_module(m).build_parser()
+                                      for m in cli.FORWARDED_BENCHMARKS.values()]
+    assert len(parsers) == 4
+    missing = [f"{prog} {action.option_strings}" for parser in parsers for prog, action in _all_actions(parser)
                if action.option_strings and not action.help]
     assert not missing, f"options without help: {missing}"
+
+
+def test_bench_names_its_benchmarks(capsys):
+    """`flashforge-hf bench --help` lists every benchmark; `bench NAME --help` is the benchmark's own help (its
+    options, under the name the CLI gives it), from the installed package flashforge_bench."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in cli.FORWARDED_BENCHMARKS)
+    for name, flag in (("attention", "--cases"), ("generate", "--batch-sizes"), ("e2e", "--workloads")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["bench", name, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and flag in out and f"usage: flashforge-hf bench {name}" in out, out
 
 
 def test_help_lists_subcommands(capsys):

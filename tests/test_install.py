@@ -1,5 +1,6 @@
 """The checkout works as users run it: from the repo root, with Hugging Face's `kernels` package installed
-(transformers >= 5.25 depends on it), our top-level kernels/ folder shadows nothing."""
+(transformers >= 5.25 depends on it), our top-level kernels/ and benchmarks/ folders shadow nothing, and the
+benchmarks run as the installed package flashforge_bench and as scripts."""
 
 import importlib.metadata
 import os
@@ -45,3 +46,18 @@ def test_import_and_cli_from_the_repo_root_with_hf_kernels():
 def test_our_kernels_import_from_the_repo_root():
     r = _at_root("-c", "import flashforge_hf.kernels.suffix_attention as s; print(s.__file__)")
     assert r.returncode == 0 and Path(r.stdout.strip()).resolve().is_relative_to(ROOT / "kernels"), r.stderr
+
+
+def test_benchmarks_folder_is_the_flashforge_bench_package():
+    """benchmarks/ installs as flashforge_bench (pyproject.toml's package-dir), without an __init__.py: from the
+    repo root it must not be a regular package "benchmarks"; the library itself holds no benchmark module."""
+    assert not (ROOT / "benchmarks" / "__init__.py").exists()
+    assert not list((ROOT / "flashforge_hf").glob("bench*.py"))
+    r = _at_root("-c", "import flashforge_bench.harness as h, flashforge_bench.attention as a; print(h.__file__)")
+    assert r.returncode == 0 and Path(r.stdout.strip()).resolve().is_relative_to(ROOT / "benchmarks"), r.stderr
+
+
+def test_benchmark_scripts_run_from_the_repo_root(tmp_path):
+    for script in ("attention", "generate", "generate_sweep"):
+        r = _at_root(f"benchmarks/{script}.py", "--help")
+        assert r.returncode == 0 and "usage: flashforge-hf bench" in r.stdout, r.stderr

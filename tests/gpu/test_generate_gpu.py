@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashforge_hf
-from flashforge_hf.bench_e2e import teacher_forced
+from flashforge_bench.generate import teacher_forced
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
 
 pytestmark = [

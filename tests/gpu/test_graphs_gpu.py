@@ -10,7 +10,7 @@ from transformers import LogitsProcessorList
 import flashforge_hf
 from flashforge_hf import dispatch
 from flashforge_hf import graphs, planner
-from flashforge_hf.bench_generate import attention
+from flashforge_hf.comparison import attention
 from test_graphs import ForceEos
 from tiny_models import load, save_tiny, shared_prefix_batch, tree_batch
 

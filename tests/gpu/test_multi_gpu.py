@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import flashforge_hf
-from flashforge_hf.bench_generate import attention
+from flashforge_hf.comparison import attention
 from flashforge_hf.models import layer_devices
 from test_tensor_parallel import run_two_ranks
 from tiny_models import save_tiny, tree_batch

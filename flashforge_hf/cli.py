@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    for add in (_add_demo, _add_generate, _add_lm_eval, _add_bench):
+        add(sub)
+    return parser
+
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="few-shot arithmetic on SmolLM2-135M-Instruct: answers, timings, memory",
                           description="Run built-in few-shot arithmetic questions (one shared few-shot prefix) with "
                           "stock transformers and with FlashForge; print the answers, a table of time to first token, "
@@ -222,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "text; default auto: chat when the tokenizer has a chat template")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="shared-prefix batch generation of a JSONL file of prompts",
                          description="Generate for every prompt of a JSONL file with FlashForge. Input lines: "
                          '{"prompt": "text"} (plain text; the tokenizer adds its special tokens) or '
@@ -245,11 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "the token ids are identical")
     gen.set_defaults(func=cmd_generate)
 
+
+def _add_lm_eval(sub) -> None:
     lme = sub.add_parser("lm-eval", add_help=False,
                          help="lm-evaluation-harness's command line with attn_implementation='flashforge' available",
                          description="Runs lm-eval's own CLI unchanged (needs pip install 'flashforge-hf[eval]'). "
                          "Its options: flashforge-hf lm-eval --help")
     lme.add_argument("args", nargs=argparse.REMAINDER, help="passed to lm-eval (see its --help)")
+
+
+def _add_bench(sub) -> None:
+    """``bench NAME ARGS``: each benchmark parses its own arguments (flashforge_bench, imported when run)."""
     bench = sub.add_parser("bench", help="benchmarks, written as CSV plus a PNG plot",
                            description="Benchmarks: CSV and PNG (the plot needs matplotlib: pip install matplotlib).")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -269,7 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
                                 "correctness checks, decode-step profile, capacity search; CSV, markdown and PNG under "
                                 "benchmarks/results/. Its options: flashforge-hf bench e2e --help")
     be2e.add_argument("args", nargs=argparse.REMAINDER, help="passed to the end-to-end benchmark (see its --help)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -336,10 +336,7 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
             next_scores = logits_processor(seq[:, : L + t], logits)
             if keep_scores:
                 scores.append(next_scores)
-            if gc.do_sample:
-                tokens = torch.multinomial(torch.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                tokens = torch.argmax(next_scores, dim=-1)
+            tokens = _next_tokens(next_scores, gc.do_sample)
             if has_eos:
                 tokens = torch.where(unfinished, tokens, pad)
             seq[:, L + t] = tokens
@@ -359,13 +356,18 @@ def decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criter
     if streamer is not None:
         streamer.end()
     seq = seq[:, : L + n]
-    if gc.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(
-            sequences=seq, scores=tuple(scores[:n]) if keep_scores else None,
-            logits=tuple(raw[:n]) if keep_logits else None,
-            **{output_cache_field(GenerateDecoderOnlyOutput): cache},
-        )
-    return seq
+    if not gc.return_dict_in_generate:
+        return seq
+    return GenerateDecoderOnlyOutput(sequences=seq, scores=tuple(scores[:n]) if keep_scores else None,
+                                     logits=tuple(raw[:n]) if keep_logits else None,
+                                     **{output_cache_field(GenerateDecoderOnlyOutput): cache})
+
+
+def _next_tokens(scores: torch.Tensor, sample: bool) -> torch.Tensor:
+    """int64 [R]: a draw from softmax(scores) per row (``sample``), else its argmax, as transformers' loop picks."""
+    if sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return torch.argmax(scores, dim=-1)
 
 
 def _decode_inputs(model, input_ids, gc, synced_gpus: bool, model_kwargs: dict) -> tuple[PrefixSharingCache, int]:

@@ -17,22 +17,27 @@ loop), "flashforge-graph" (the same, each decode step replayed from a CUDA graph
 "flashforge-compiled" (the same with ``compile=True``: the step's non-attention work fused by torch.compile
 before capture; CUDA only) and, on batch-1,
 "stock-compiled" (transformers' static cache, its forward compiled by generate; CUDA only). A method that runs
-out of memory is recorded as "OOM".
+out of memory is recorded as "OOM". Only when ``--methods`` names them: "plain-generate" / "plain-generate-compiled"
+(our path through ``model.generate``) and "generate-batch" (transformers' continuous batching,
+``model.generate_batch`` with paged|sdpa attention and its block sharing of common prefixes: :class:`GenerateBatch`;
+where it is missing or fails, its row says why, "not available: ...").
 
 Per workload and method: TTFT (from the call to the first token's logits), median time per output token (the
-intervals between a logits processor's CUDA-event stamps), tokens/s (rows x new tokens / total), peak CUDA
-memory of the call, KV-cache bytes after it; per workload the unique KV bytes (each distinct prompt token once,
-plus every row's new tokens) and the floor of a decode step at the middle of the generation, the larger of two
-terms (flashforge_hf.ceilings gives the card's rates): bytes, the weights and the unique KV bytes at the
-bandwidth; FLOPs, the GEMMs' 2 * parameters * rows plus attention's 4 * rows * Hq * context * D per layer at the
-matmul rate. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
+intervals between a logits processor's CUDA-event stamps; generate-batch: between the host stamps of each
+request's consecutive tokens, its TTFT not measured), tokens/s (rows x new tokens / total), peak CUDA
+memory of the call, KV-cache bytes after it (generate-batch: not exposed, "-"); per workload the unique KV bytes
+(each distinct prompt token once, plus every row's new tokens) and the floor of a decode step at the middle of the
+generation, the larger of two terms (flashforge_hf.ceilings gives the card's rates): bytes, the weights and the
+unique KV bytes at the bandwidth; FLOPs, the GEMMs' 2 * parameters * rows plus attention's 4 * rows * Hq * context
+* D per layer at the matmul rate. Best of ``--repeats`` runs after a warm-up (FlashForge warms up on the full batch
 so its kernels compile for the timed shapes; the torch baselines on two prompts).
 
 Checks, before timing: teacher-forced logits of ``--check-rows`` rows over 16 random forced tokens, ours (eager
 decode steps on a PrefixSharingCache; on CUDA also the compiled graph steps) and stock (one sdpa pass) in the
 model's dtype against an fp32 copy of the model: ours passes when its relative L2 error is at most 2x stock's.
 Greedy agreement: the share of rows whose first 16 new tokens equal stock's (from the timed greedy runs; for the sampling workload from greedy runs of its
-prompt); the stock side is the first of stock, stock-chunked, reuse that ran; passes at 90%.
+prompt); the stock side is the first of stock, stock-chunked, reuse that ran; passes at 90%. generate-batch's
+agreement with the same stock side is reported (greedy_agree_generate_batch, greedy workloads), not part of the pass.
 
 "capacity": with an 8,192-token shared document and 64-token questions, the largest batch each side runs in
 one batch (stock-chunked; FlashForge's explicit path, which never splits a batch) and its throughput there.
@@ -57,7 +62,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,6 +83,8 @@ REUSE, EXPLICIT, STOCK_COMPILED = "reuse", "flashforge-explicit", "stock-compile
 PLAIN, PLAIN_COMPILED = "plain-generate", "plain-generate-compiled"  # model.generate on the flashforge model
 METHODS = (STOCK_COMPILED, STOCK, STOCK_CHUNKED, REUSE, EAGER, GRAPH, COMPILED)
 PLAIN_METHODS = (PLAIN, PLAIN_COMPILED)  # run only when --methods names them: our path through model.generate
+GENERATE_BATCH = "generate-batch"  # transformers' continuous batching: run only when --methods names it
+NAMED_ONLY = PLAIN_METHODS + (GENERATE_BATCH,)
 CUDA_ONLY = (STOCK_COMPILED, GRAPH, COMPILED, PLAIN_COMPILED)
 OURS = (EAGER, GRAPH, COMPILED)
 OOM_ERRORS = (torch.cuda.OutOfMemoryError, MemoryError)
@@ -164,13 +171,72 @@ def plain_generate(settings: dict):
     return run
 
 
+@dataclass
+class BatchOutput:
+    """What :func:`run_generate` reads of a generate output: the sequences, and a cache whose bytes
+    ``generate_batch`` does not expose (its paged cache lives and goes inside the call)."""
+
+    sequences: torch.Tensor
+    cache: object = field(default_factory=lambda: SimpleNamespace(nbytes=lambda: None))
+
+
+class GenerateBatch:
+    """transformers' continuous batching: ``model.generate_batch`` on each row's unpadded token ids (each copy of
+    ``num_return_sequences`` its own request), with ``paged|sdpa`` attention (which transformers 5.25, where the
+    prefix is no longer needed, reads as "sdpa") switched on for the call and back after; block sharing of common
+    prefixes allowed (``allow_block_sharing``), never a switch to flash attention; EOS off (``eos_token_id=-1``)
+    so every request makes ``max_new_tokens``. Each timed call builds its own manager (cache, warm-up, CUDA
+    graphs where it takes them): a persistent one would keep the prompts' blocks and skip their prefill in the
+    next call. On CUDA transformers sizes the cache from free memory; elsewhere it would size it from system memory
+    and warm up at that size, so there it gets the blocks the rows need unshared. A request that fails or comes
+    back short raises (generate_batch itself only logs it). ``step_s``: the last call's intervals between the
+    host stamps (``record_timestamps``) of each request's consecutive tokens."""
+
+    def __init__(self):
+        self.step_s: list[float] = []
+
+    def __call__(self, model, input_ids, attention_mask, *, max_new_tokens, do_sample=False, num_return_sequences=1,
+                 **_):
+        import dataclasses
+
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        if not hasattr(model, "generate_batch"):
+            raise RuntimeError("this transformers has no model.generate_batch")
+        prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)
+                   for _ in range(num_return_sequences)]
+        fields = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        cb = ContinuousBatchingConfig(**{k: v for k, v in dict(allow_block_sharing=True, auto_switch_to_flash=False)
+                                         .items() if k in fields})
+        if input_ids.device.type != "cuda":
+            need = max(map(len, prompts)) + max_new_tokens
+            cb.num_blocks = len(prompts) * -(-need // (getattr(cb, "page_size", None) or cb.block_size))
+            cb.max_batch_tokens = need
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=-1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The `paged|` prefix is no longer needed", FutureWarning)
+            with attention(model, "paged|sdpa"):
+                outs = list(model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                                 record_timestamps=True).values())
+        bad = [o for o in outs if o.error is not None or len(o.generated_tokens) != max_new_tokens]
+        if bad or len(outs) != len(prompts):
+            raise RuntimeError(next((o.error for o in bad if o.error), None)
+                               or f"{len(outs) - len(bad)} of {len(prompts)} requests came back complete")
+        self.step_s = [b - a for o in outs for a, b in zip(o.timestamps, o.timestamps[1:])]
+        return BatchOutput(torch.tensor([p + o.generated_tokens for p, o in zip(prompts, outs)]))
+
+
 BASELINES = {REUSE: reuse_generate, EXPLICIT: explicit_generate, STOCK_COMPILED: stock_compiled_generate,
-             PLAIN: plain_generate({}), PLAIN_COMPILED: plain_generate(dict(compile=True))}
+             PLAIN: plain_generate({}), PLAIN_COMPILED: plain_generate(dict(compile=True)),
+             GENERATE_BATCH: GenerateBatch()}
 
 
 def run_generate(model, input_ids, attention_mask, mode: str, **kwargs) -> Run:
-    """:func:`flashforge_hf.comparison.run_generate` for ``mode``: one of its modes or of :data:`BASELINES`."""
-    return timed_generate(model, input_ids, attention_mask, mode, generator=BASELINES.get(mode), **kwargs)
+    """:func:`flashforge_hf.comparison.run_generate` for ``mode``: one of its modes or of :data:`BASELINES`
+    (generate-batch: no TTFT, its token intervals from :class:`GenerateBatch`)."""
+    run = timed_generate(model, input_ids, attention_mask, mode, generator=BASELINES.get(mode), **kwargs)
+    return replace(run, ttft_s=None, step_s=BASELINES[mode].step_s) if mode == GENERATE_BATCH else run
 
 
 
@@ -284,8 +350,12 @@ def run_method(model, wl: Workload, method: str, ids, mask, seed: int = 0, **ove
     return run_generate(model, ids, mask, mode, seed=seed, **kw)
 
 
+_UNAVAILABLE: set[str] = set()  # generate-batch's reasons already printed
+
+
 def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmup: bool = True) -> Run | str:
-    """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory."""
+    """Warm-up, then the best (least total time) of ``repeats`` runs; "OOM" when it runs out of memory;
+    generate-batch failing otherwise: "not available: <why>" (printed once per reason)."""
     try:
         if warmup:
             ours = method in OURS + (EXPLICIT,) + PLAIN_METHODS
@@ -295,14 +365,24 @@ def measure(model, wl: Workload, method: str, ids, mask, repeats: int = 1, warmu
         return min((run_method(model, wl, method, ids, mask) for _ in range(repeats)), key=lambda r: r.total_s)
     except OOM_ERRORS:
         return "OOM"
+    except Exception as e:  # generate-batch: transformers' continuous batching, on any version and device
+        if method != GENERATE_BATCH:
+            raise
+        why = f"not available: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        why = why.replace("|", "/")  # a markdown table cell
+        if why not in _UNAVAILABLE:
+            _UNAVAILABLE.add(why)
+            print(f"{method}: {why}")
+        return why
     finally:
         free_memory()
 
 
 def run_metrics(run: Run) -> dict:
     tokens = run.sequences.shape[0] * run.steps
-    return dict(status="ok", ttft_ms=run.ttft_s * 1e3, tpot_ms=run.tpot_median_s * 1e3,
-                tokens_per_s=tokens / run.total_s, total_s=run.total_s, kv_gib=run.kv_bytes / 2**30,
+    return dict(status="ok", ttft_ms=None if run.ttft_s is None else run.ttft_s * 1e3,
+                tpot_ms=run.tpot_median_s * 1e3, tokens_per_s=tokens / run.total_s, total_s=run.total_s,
+                kv_gib=None if run.kv_bytes is None else run.kv_bytes / 2**30,
                 peak_gib=None if run.peak_bytes is None else run.peak_bytes / 2**30)
 
 
@@ -402,6 +482,9 @@ def greedy_check(model, wl: Workload, ids, mask, runs: dict) -> dict:
     # The noise floor of the criterion: two of transformers' own methods (same sdpa math, other shapes) agree?
     base = [runs[m] for m in (STOCK, STOCK_CHUNKED, REUSE) if isinstance(runs.get(m), Run)]
     out["greedy_agree_baselines"] = greedy_agreement(base[0], base[1]) if len(base) >= 2 and wl.copies == 1 else None
+    batch = runs.get(GENERATE_BATCH)  # transformers' continuous batching against the same stock side
+    out["greedy_agree_generate_batch"] = (greedy_agreement(stock, batch) if wl.copies == 1 and isinstance(stock, Run)
+                                          and isinstance(batch, Run) else None)
     return out
 
 
@@ -424,7 +507,7 @@ def bench_workload(model, wl: Workload, *, repeats: int = 1, check_rows_n: int =
         checks = dict(logits_ok="OOM")
         free_memory()
     cuda = device.type == "cuda"
-    named = [m for m in PLAIN_METHODS if methods and m in methods and (cuda or m not in CUDA_ONLY)]
+    named = [m for m in NAMED_ONLY if methods and m in methods and (cuda or m not in CUDA_ONLY)]
     runs = {m: measure(model, wl, m, ids, mask, repeats) for m in wl.methods(cuda) + named
             if methods is None or m in methods}
     checks.update(greedy_check(model, wl, ids, mask, runs))
@@ -641,8 +724,8 @@ COLUMNS = ["workload", "model", "rows", "prompt_len", "new_tokens", "method", "s
            "tokens_per_s", "total_s", "peak_gib", "kv_gib", "unique_kv_gib", "floor_ms", "floor_bytes_ms",
            "floor_flops_ms", "check_rows",
            "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok", "greedy_agree", "greedy_agree_graph",
-           "greedy_agree_compiled", "greedy_agree_baselines", "greedy_ok", "card", "date", "commit",
-           "command"]
+           "greedy_agree_compiled", "greedy_agree_baselines", "greedy_agree_generate_batch", "greedy_ok", "card",
+           "date", "commit", "command"]
 
 
 def merge(old: list[dict], new: list[dict], by_method: bool = False) -> list[dict]:
@@ -748,8 +831,8 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path, ceilings)
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
     checks = ["workload", "check_rows", "logit_err_stock", "logit_err_ours", "logit_err_compiled", "logits_ok",
-              "greedy_agree", "greedy_agree_graph", "greedy_agree_compiled", "greedy_agree_baselines", "greedy_ok",
-              "commit"]
+              "greedy_agree", "greedy_agree_graph", "greedy_agree_compiled", "greedy_agree_baselines",
+              "greedy_agree_generate_batch", "greedy_ok", "commit"]
     lines += ["", "## Correctness checks (before timing; each workload's latest run)", "",
               "| " + " | ".join(checks) + " |", "|" + "---|" * len(checks)]
     latest = {r["workload"]: r for r in rows if r.get("logits_ok") not in (None, "")}  # rows are oldest first
@@ -829,9 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", choices=["full", "tiny"], default="full",
                     help="full: the issue's shapes; tiny: every length / 32, at most 4 rows per level, 8 new tokens, "
                     "a tiny model (CPU, seconds)")
-    ap.add_argument("--methods", nargs="+", choices=METHODS + PLAIN_METHODS, metavar="METHOD",
+    ap.add_argument("--methods", nargs="+", choices=METHODS + NAMED_ONLY, metavar="METHOD",
                     help=f"run only these methods of each workload (default all of: {', '.join(METHODS)}; "
-                    f"{', '.join(PLAIN_METHODS)} only when named); the other methods' rows of an earlier run stay "
+                    f"{', '.join(NAMED_ONLY)} only when named); the other methods' rows of an earlier run stay "
                     "in the results")
     ap.add_argument("--repeats", type=int, default=1, help="best of N timed runs per method (default 1)")
     ap.add_argument("--check-rows", type=int, default=4, help="prompts in the teacher-forced logits check (default 4)")

@@ -112,3 +112,40 @@ def test_commit_is_only_read_from_our_own_checkout(tmp_path):
     assert git_commit(tmp_path) == "unknown"  # a repository without commits
     ours = git_commit(Path(be.__file__).resolve().parents[1])
     assert ours == "unknown" or len(ours.split("+")[0]) == 40
+
+
+def test_generate_batch_is_a_named_baseline(tmp_path, monkeypatch, capsys):
+    """transformers' continuous batching (--methods generate-batch) at --scale tiny on the CPU: where the installed
+    transformers has model.generate_batch (5.17 and 5.25 do, and run it on a CPU) a timed row without TTFT whose
+    greedy tokens are stock's; else, and when it fails, a row that says why, printed once, the other methods
+    run."""
+    import transformers
+
+    def rows():
+        with open(tmp_path / "generate_cpu_tiny.csv") as f:
+            return {(r["workload"], r["method"]): r for r in csv.DictReader(f)}
+
+    assert be.GENERATE_BATCH not in be.METHODS and be.GENERATE_BATCH in be.build_parser().parse_args(
+        ["--methods", be.GENERATE_BATCH]).methods
+    argv = ["--scale", "tiny", "--out-dir", str(tmp_path), "--workloads", "doc-qa-4k", "--methods", be.STOCK,
+            be.GENERATE_BATCH]
+    assert be.main(argv) == 0
+    r = rows()["doc-qa-4k", be.GENERATE_BATCH]
+    if hasattr(transformers.GenerationMixin, "generate_batch"):
+        assert r["status"] == "ok", r
+        assert r["ttft_ms"] == "" and r["kv_gib"] == "" and float(r["tpot_ms"]) > 0 and float(r["total_s"]) > 0
+        assert r["greedy_agree_generate_batch"] == "1.0", r  # every row's 8 new tokens are greedy stock's
+    else:
+        assert r["status"].startswith("not available: "), r
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("continuous batching cannot run here (simulated)")
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate_batch", fails)
+    capsys.readouterr()
+    assert be.main(argv) == 0
+    got = rows()
+    why = "not available: RuntimeError: continuous batching cannot run here (simulated)"
+    assert got["doc-qa-4k", be.GENERATE_BATCH]["status"] == why and got["doc-qa-4k", be.STOCK]["status"] == "ok"
+    assert got["doc-qa-4k", be.GENERATE_BATCH]["greedy_agree_generate_batch"] == ""
+    assert capsys.readouterr().out.count(why) == 2  # once printed by measure, once in the row's line

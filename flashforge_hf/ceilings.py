@@ -5,10 +5,12 @@
     tile_flops    FLOP/s that the segment kernel reaches on compute-bound tiles (bf16, head dim 128, many
                   stacked queries against long segments): the rate its own tiles can run at, below the GEMM's.
 
-Known cards take their values from :data:`MEASURED` (measured on those cards with :func:`measure`; the
-results file benchmarks/results/ceilings.md says when and how). Any other CUDA card is measured once per
-device type, at first use (about a second), and the values are kept in ``ceilings.json`` under
-$FLASHFORGE_HF_CACHE (default ~/.cache/flashforge_hf), keyed by the card's name and multiprocessor count.
+Known cards take their values from :data:`MEASURED` (measured on those cards; the results file
+benchmarks/results/ceilings.md says when and how). Any other CUDA card is measured once per
+device type, at first use (about a second, some 600 MB of GPU memory), and the values are kept in
+``ceilings.json`` under $FLASHFORGE_HF_CACHE (default ~/.cache/flashforge_hf), keyed by the card's name and
+multiprocessor count; where that measurement runs out of memory, the reference card's values scaled by
+multiprocessor count serve instead, said once.
 A CPU is measured the same way (fp32 matmul, no tile rate of its own: the matmul's), for the benchmarks'
 tiny CPU runs; the planner does not use it.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,6 +56,7 @@ class Ceilings:
 MEASURED: dict[tuple[str, int], tuple[float, float, float]] = {
     ("NVIDIA H100 80GB HBM3", 132): (3.0e12, 7.4e14, 4.5e14),
 }
+REFERENCE = ("NVIDIA H100 80GB HBM3", 132)  # scaled by multiprocessor count where a card cannot be measured
 
 
 def ceilings_for(device: torch.device | str) -> Ceilings:
@@ -75,7 +79,16 @@ def _cuda_ceilings(name: str, num_sms: int, index: int) -> Ceilings:
     stored = _read(path)
     if key in stored:
         return Ceilings(**stored[key])
-    found = measure(torch.device("cuda", index))
+    try:
+        found = measure(torch.device("cuda", index))
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        bandwidth, matmul, tiles = MEASURED[REFERENCE]
+        scale = num_sms / REFERENCE[1]
+        warnings.warn(f"flashforge_hf: measuring the ceilings of {name} ran out of GPU memory; planning with the "
+                      f"{REFERENCE[0]}'s, scaled by multiprocessor count, until a process measures them (free "
+                      f"about 1 GiB, or call flashforge_hf.ceilings.measure before loading the model).", stacklevel=2)
+        return Ceilings(name, bandwidth * scale, matmul * scale, tiles * scale, source="estimated")
     stored[key] = asdict(found)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,12 +113,12 @@ def _read(path) -> dict:
 def measure(device: torch.device) -> Ceilings:
     """Measure the three rates on ``device`` (median of timed repeats after a warm-up, random data)."""
     cuda = device.type == "cuda"
-    n_copy = (1 << 30) if cuda else (1 << 26)  # bytes per copy: far past the L2 (or the CPU's caches)
+    n_copy = (1 << 28) if cuda else (1 << 26)  # bytes per copy: several times the L2 (or the CPU's caches)
     src = torch.empty(n_copy // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     bandwidth = 2 * n_copy / _median_s(lambda: dst.copy_(src), device)
     del src, dst
-    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    n, dtype = (4096, torch.bfloat16) if cuda else (1024, torch.float32)  # 32 MiB operands: large enough to saturate
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     matmul = 2 * n**3 / _median_s(lambda: torch.matmul(a, b), device)

@@ -1,7 +1,7 @@
 """Decode without host overhead: every decode step of a batch replayed from one captured CUDA graph.
 
-Eager transformers spends tens of microseconds of Python per layer per decode step (about 25 ms a step on an
-8B model, whatever the batch); here the whole step (every layer's projections, FlashForge attention, the cache
+Eager transformers spends tens of microseconds of Python per layer per decode step (milliseconds a step on a
+model of a few dozen layers, whatever the batch); here the whole step (every layer's projections, FlashForge attention, the cache
 append, the logits) is captured once and replayed, so its host cost does not grow with the number of layers.
 
 How it stays valid as the suffixes grow. The cache runs in static mode (see cache.py): its suffix buffers are

@@ -55,3 +55,16 @@ def test_cpu_is_measured():
     assert c.source == "measured" and c.card == "CPU"
     assert 1e8 < c.bandwidth < 1e13 and 1e8 < c.matmul_flops < 1e14 and c.tile_flops == c.matmul_flops
     assert ceilings.ceilings_for(torch.device("cpu")) is c  # once per process
+
+
+def test_out_of_memory_while_measuring_falls_back_loudly(fresh, monkeypatch):
+    def oom(device):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(ceilings, "measure", oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.warns(UserWarning, match="ran out of GPU memory"):
+        c = ceilings._cuda_ceilings("Card Y", 66, 0)
+    bw, mm, tiles = ceilings.MEASURED[ceilings.REFERENCE]
+    assert c.source == "estimated" and c.bandwidth == pytest.approx(bw / 2) and c.tile_flops == pytest.approx(tiles / 2)
+    assert not (fresh / "ceilings.json").exists()  # an estimate is never stored as a measurement

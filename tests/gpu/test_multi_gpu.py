@@ -1,6 +1,7 @@
 """Two GPUs: tensor parallel over NCCL (DistributedConfig(tp_plan="auto") under torchrun; decode steps replayed
 from CUDA graphs) and device_map over both GPUs in one process, on tiny fp32 models: FlashForge gives stock's
-tokens; each layer's storage stays on its layer's GPU."""
+tokens through both entry points (the tensor-parallel workers call plain model.generate and
+flashforge_hf.generate); each layer's storage stays on its layer's GPU."""
 
 import os
 
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import flashforge_hf
+from flashforge_hf import graphs
 from flashforge_hf.comparison import attention
 from flashforge_hf.models import layer_devices
 from test_tensor_parallel import run_two_ranks
@@ -30,7 +32,9 @@ def test_tensor_parallel_nccl(tmp_path):
     assert ranks[0]["ours"] == ranks[1]["ours"]
 
 
-def test_device_map_over_two_gpus(tmp_path):
+def test_device_map_over_two_gpus(tmp_path, entry, monkeypatch):
+    """Through both entry points (flashforge_hf.generate and plain model.generate on the "flashforge" model)."""
+    monkeypatch.setattr(graphs, "_fallback_warned", set())  # the eager-loop fallback is said once per process
     folder = save_tiny("llama", tmp_path / "model", num_hidden_layers=4)
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="flashforge", dtype=torch.float32,
                                                  device_map="balanced").eval()
@@ -38,7 +42,7 @@ def test_device_map_over_two_gpus(tmp_path):
     ids, mask = (t.to(model.device) for t in tree_batch())
     kw = dict(max_new_tokens=12, do_sample=False)
     with pytest.warns(UserWarning, match="device_map"):
-        ours = flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, **kw)
+        ours = entry(model, ids, mask, min_shared_tokens=4, **kw)
     with torch.no_grad(), attention(model, "sdpa"):
         stock = model.generate(input_ids=ids, attention_mask=mask, **kw)
     assert torch.equal(ours, stock)
@@ -46,4 +50,4 @@ def test_device_map_over_two_gpus(tmp_path):
     devices = [layer.seg_k.device for layer in cache.layers]
     assert len(set(devices)) == 2 and all(layer.suf_k.device == d for layer, d in zip(cache.layers, devices))
     with pytest.raises(NotImplementedError, match="several devices"):
-        flashforge_hf.generate(model, ids, mask, min_shared_tokens=4, cuda_graph=True, **kw)
+        entry(model, ids, mask, min_shared_tokens=4, cuda_graph=True, **kw)

@@ -281,7 +281,8 @@ SCALE = D ** -0.5
 FLASHINFER_PATHS = {
     "fi-cascade": "MultiLevelCascadeAttentionWrapper, 2 levels: the prefix every row shares, then each row's rest",
     "fi-shared-prefix": "BatchDecodeWithSharedPrefixPagedKVCacheWrapper: the shared prefix as one tensor, the rest "
-                        "paged (no CUDA-graph option: the eager wrapper is captured)",
+                        "paged (no CUDA-graph option: the eager wrapper is captured; planned through its inner "
+                        "decode wrapper, as begin_forward would leave q float16)",
     "fi-manual-prefill": "single_prefill_with_kv_cache on the shared prefix (the rows' queries stacked) + "
                          "BatchDecodeWithPagedKVCacheWrapper on each row's rest + merge_state",
     "fi-manual-decode": "single_decode_with_kv_cache on the shared prefix (the rows' heads stacked, tensor cores) + "
@@ -408,8 +409,11 @@ def _cascade(fi, t: PageTables, graph: bool):
 
 
 def _shared_prefix(fi, t: PageTables, graph: bool):
+    """Planned through its inner decode wrapper, as begin_forward does: begin_forward's data_type sets only the KV
+    dtype there (q stays float16, and a bf16 q fails run's dtype check)."""
     w = fi.BatchDecodeWithSharedPrefixPagedKVCacheWrapper(_workspace(t.rest[0].device), "HND")
-    plan = lambda: w.begin_forward(*t.rest, HQ, HKV, D, PAGE, data_type=DTYPE)  # noqa: E731
+    plan = lambda: w._batch_decode_wrapper.plan(*t.rest, HQ, HKV, D, PAGE, q_data_type=DTYPE,  # noqa: E731
+                                                kv_data_type=DTYPE)
     plan()
     return lambda x: w.forward(x.q, x.k_shared, x.v_shared, x.kv), plan
 
@@ -454,6 +458,11 @@ FLASHINFER_BUILDERS = {
 }
 
 
+def worst_err(errs: list[float]) -> float:
+    """The largest of ``errs``, NaN where any is NaN (``max`` keeps a NaN only where it comes first)."""
+    return float("nan") if any(e != e for e in errs) else max(errs)
+
+
 def flashinfer_rows(layer: Layer, ref: torch.Tensor, base: dict, rep_ms: int, fi, copies: int,
                     reported: set) -> list[dict]:
     """One row per FlashInfer path (:data:`FLASHINFER_PATHS`) on ``layer``'s values: each path's output (eager and
@@ -475,7 +484,7 @@ def flashinfer_rows(layer: Layer, ref: torch.Tensor, base: dict, rep_ms: int, fi
         try:
             run, plan = FLASHINFER_BUILDERS[path](fi, tables, False)
             run_graph, _ = FLASHINFER_BUILDERS[path](fi, tables, True)
-            err = max(rel_err(f(paged), ref[:, 0]) for f in (run, run_graph))
+            err = worst_err([rel_err(f(paged), ref[:, 0]) for f in (run, run_graph)])
             row["rel_err"] = err
             if not err <= TOLERANCE:
                 print(f"{base['case']} {path}: relative error {err:.3g} > {TOLERANCE}: not timed", flush=True)

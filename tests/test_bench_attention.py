@@ -68,6 +68,13 @@ def test_page_layout_holds_every_rows_keys_and_values(case):
         assert torch.equal(paged.k_shared, k) and torch.equal(paged.v_shared, v)
 
 
+def test_worst_err_keeps_a_nan_wherever_it_comes():
+    """A path's check takes the worse of its eager and graph outputs: a NaN in either fails it."""
+    nan = float("nan")
+    assert ba.worst_err([1e-3, 2e-3]) == 2e-3
+    assert all(not ba.worst_err(e) <= ba.TOLERANCE for e in ([1e-3, nan], [nan, 1e-3]))
+
+
 def test_page_layout_refuses_segments_of_partial_pages():
     with pytest.raises(ValueError, match="whole pages"):
         ba.page_layout(_layer(ba.shared_case(2, ba.PAGE + 1, 4)))

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from flashforge_bench.harness import (ROTATE_BYTES, card_ceilings, card_name, ceilings_line, floor_terms, git_commit,
+from flashforge_bench.harness import (ROTATE_BYTES, card_ceilings, card_name, floor_terms, git_commit,
                                       host_us, n_copies, rel_err, time_calls, utc_now, write_csv)
 
 
@@ -678,7 +678,7 @@ def write_results(rows, host, stem: str, command: str, commit: str, card: str, c
              f"- date: {date}", f"- git commit: {commit}", f"- command: `{command}`",
              f"- torch {torch.__version__}, triton {__import__('triton').__version__}; Hq={HQ}, Hkv={HKV}, D={D}, "
              f"bf16, one query token per row",
-             f"- {ceilings_line(ceilings)}",
+             f"- {ceilings.describe()}",
              "- floor: the larger of the bytes term (unique K/V + q + out bytes at the bandwidth) and the FLOPs "
              "term (4 * B * Hq * (prefix + suffix) * D at the matmul rate); graph_over_floor: graph time / floor.",
              "- eager: do_bench median (L2 flushed before each call); graph: do_bench_cudagraph median; loop: "

@@ -69,7 +69,7 @@ from types import SimpleNamespace
 import torch
 
 import flashforge_hf
-from flashforge_bench.harness import (card_ceilings, card_name, ceilings_line, floor_terms, git_commit, random_model,
+from flashforge_bench.harness import (card_ceilings, card_name, floor_terms, git_commit, random_model,
                                       read_csv, rel_err, tree_batch, utc_now)
 from flashforge_hf.ceilings import ceilings_for
 from flashforge_hf.comparison import COMPILED, EAGER, GRAPH, STOCK, Run, attention
@@ -821,7 +821,7 @@ def write_markdown(rows: list[dict], profile: dict | None, path: Path, ceilings)
     runs = sorted({(r["card"], r["date"], r["commit"], r["command"]) for r in rows})
     lines = ["# End-to-end generate benchmark", ""]
     lines += [f"- {card}, {date}, commit {commit}: `{command}`" for card, date, commit, command in runs]
-    lines += [f"- {ceilings_line(ceilings)} (the latest run's)"]
+    lines += [f"- {ceilings.describe()} (the latest run's)"]
     lines += ["", "Random-weight Llama models (see benchmarks/generate.py for the workloads, methods and what "
               "every column means). Times in ms; memory in GiB; floor: one decode step, the larger of its bytes "
               "term (weights + unique KV at the bandwidth) and its FLOPs term (GEMMs + attention at the matmul "

@@ -36,16 +36,10 @@ def card_name(device: torch.device) -> tuple[str, str]:
 
 def card_ceilings(device: torch.device) -> Ceilings:
     """The ceilings the floors divide by (flashforge_hf.ceilings: a table for known cards, else measured once),
-    printed once as :func:`ceilings_line` says them."""
+    printed once as :meth:`Ceilings.describe` says them."""
     c = ceilings_for(device)
-    print(ceilings_line(c), flush=True)
+    print(c.describe(), flush=True)
     return c
-
-
-def ceilings_line(c: Ceilings) -> str:
-    """The ceilings for a header: bandwidth and matmul rate, and where they come from."""
-    return (f"card ceilings ({c.card}, {c.source}): bandwidth {c.bandwidth / 1e12:.2f} TB/s (device copy, read + "
-            f"write), matmul {c.matmul_flops / 1e12:.3g} TFLOP/s (large matmul, bf16 on CUDA)")
 
 
 def floor_terms(c: Ceilings, nbytes: float, flops: float, unit: float = 1e6) -> dict:

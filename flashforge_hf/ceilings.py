@@ -46,10 +46,10 @@ class Ceilings:
         return nbytes / self.bandwidth, flops / (self.tile_flops if tiles else self.matmul_flops)
 
     def describe(self) -> str:
-        """One line for benchmark headers."""
-        return (f"{self.card}: copy {self.bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul "
-                f"{self.matmul_flops / 1e12:.0f} TFLOP/s, segment-kernel tiles {self.tile_flops / 1e12:.0f} TFLOP/s "
-                f"({self.source})")
+        """One line for benchmark headers: the card, where the rates come from, and the rates."""
+        return (f"card ceilings ({self.card}, {self.source}): bandwidth {self.bandwidth / 1e12:.2f} TB/s (device copy, "
+                f"read + write), matmul {self.matmul_flops / 1e12:.3g} TFLOP/s (large matmul, bf16 on CUDA), "
+                f"segment-kernel tiles {self.tile_flops / 1e12:.3g} TFLOP/s")
 
 
 # name (as torch.cuda.get_device_properties reports it), multiprocessor count -> (bandwidth, matmul, tiles)

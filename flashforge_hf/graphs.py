@@ -1,8 +1,9 @@
 """Decode without host overhead: every decode step of a batch replayed from one captured CUDA graph.
 
 Eager transformers spends tens of microseconds of Python per layer per decode step (milliseconds a step on a
-model of a few dozen layers, whatever the batch); here the whole step (every layer's projections, FlashForge attention, the cache
-append, the logits) is captured once and replayed, so its host cost does not grow with the number of layers.
+model of a few dozen layers, whatever the batch); here the whole step (every layer's projections, FlashForge
+attention, the cache append, the logits) is captured once and replayed, so its host cost does not grow with the
+number of layers.
 
 How it stays valid as the suffixes grow. The cache runs in static mode (see cache.py): its suffix buffers are
 allocated for prompt + ``max_new_tokens`` up front and never move; the suffix kernel reads where the suffixes end
@@ -12,8 +13,8 @@ blocks) is made for the largest end of a bucket (dispatch.bucket_bound: powers o
 the capacity), so a generation of n tokens captures at most about log2(n / 256) + 2 graphs, one at a time. The
 first step of a bucket whose plan differs from the previous one's runs eagerly with the new plan (it also
 compiles what the graph needs), and the graph is captured right after it; where the plan stays the same (no
-suffix splits: batches whose rows alone fill the card) the graph goes on across the bucket. Graph and eager steps run the same kernels with the same plan, so they give identical
-results.
+suffix splits: batches whose rows alone fill the card) the graph goes on across the bucket. Graph and eager
+steps run the same kernels with the same plan, so they give identical results.
 
 :func:`decode` is the decoding loop, a ``custom_generate`` callable for ``model.generate`` (greedy and
 multinomial sampling with every logits processor and stopping criterion transformers builds; EOS rows padded as

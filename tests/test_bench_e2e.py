@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 
+import pytest
 import torch
 
 from flashforge_bench import generate as be
@@ -68,10 +69,12 @@ def test_tiny_run_writes_results_and_checks_pass(tmp_path, monkeypatch):
     ours = got["doc-qa-4k", be.EAGER]
     assert float(ours["kv_gib"]) <= 1.05 * float(ours["unique_kv_gib"])
     assert got["capacity", be.EXPLICIT]["rows"] == "8"  # nothing runs out of memory on the CPU: the cap
-    for r in rows:  # the decode-step floor: the larger of its bytes and FLOPs terms, both > 0
+    for r in rows:  # the decode-step floor: the GEMMs' floor plus the attention's, each the larger of two terms > 0
         if r["workload"] != "capacity":
-            terms = float(r["floor_bytes_ms"]), float(r["floor_flops_ms"])
-            assert min(terms) > 0 and float(r["floor_ms"]) == max(terms), r
+            gemm, attn = ([float(r[f"floor_{phase}_{term}_ms"]) for term in ("bytes", "flops")]
+                          for phase in ("gemm", "attn"))
+            assert min(gemm + attn) > 0, r
+            assert float(r["floor_ms"]) == pytest.approx(max(gemm) + max(attn), rel=1e-9), r
     md = (tmp_path / "generate_cpu_tiny.md").read_text()
     assert "commit test" in md and "## Targets" in md and "| doc-qa-4k | stock | 4 | OOM |" in md
     assert "card ceilings (CPU, measured): bandwidth " in md and " TFLOP/s (large matmul, bf16 on CUDA)" in md

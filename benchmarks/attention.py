@@ -863,7 +863,7 @@ def tune(rep_ms: int = 20, seed: int = 0, parts=("segment", "suffix", "layer")) 
                     bench("segment-shared", name, f"default, waves={w}", layer, seg_kernel)
     if "layer" in parts:
         whole = lambda layer: ours_calls(layer, 1)[0][0]  # noqa: E731
-        for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]:
+        for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)]:
             for w in (1, 2):
                 with patched(plans, MAX_BLOCK_M=bm, WAVES=(w,)), \
                         patched(seg, tile_config=lambda m, d, c=(bn, warps, stages): c):

@@ -820,12 +820,13 @@ def breakdown(cases=None, rep_ms: int = 50, seed: int = 0) -> list[dict]:
     return res
 
 
-def tune(rep_ms: int = 20, seed: int = 0, parts=("segment", "suffix", "layer")) -> list[dict]:
+def tune(rep_ms: int = 20, seed: int = 0, parts=("segment", "suffix", "layer"), cases=None) -> list[dict]:
     """Sweep the kernels' tile configurations (graph-replay median us) on the cases that decide them. ``parts``:
     "segment" (the segment kernel alone, many stacked queries: compute-bound; with the planner's waves), "suffix"
     (the segment kernel with one row per segment and the merged suffix kernel alone: memory-bound), "layer" (the
     whole layer, graph-replayed, on the shared cases: the segment kernel's tiles and waves decide how much of the
-    card the suffix kernel gets beside it). Prints and returns one dict per measurement."""
+    card the suffix kernel gets beside it). ``cases``: the shared cases of "segment" and "layer" (default: the three
+    largest). Prints and returns one dict per measurement."""
     import triton.testing
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -849,7 +850,7 @@ def tune(rep_ms: int = 20, seed: int = 0, parts=("segment", "suffix", "layer")) 
     print(f"device copy: {2 * src.numel() / us / 1e3:.0f} GB/s (read + write)")
     res.append(dict(kind="copy", case="512 MiB", config="", us=us))
     seg, suf, plans = FF.segment_attention, FF.suffix_attention, FF.planner
-    shared = ("128x32768+1024", "128x8192+256", "64x16384+512")
+    shared = cases or ("128x32768+1024", "128x8192+256", "64x16384+512")
     big = [make_layer(by_name[n], gen, "cuda") for n in shared] if {"segment", "layer"} & set(parts) else []
     if "segment" in parts:
         configs = [c for c in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)) if c[0] == 128 or c[2] == 4]
@@ -907,7 +908,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cases = args.cases.split(",") if args.cases else None
     if args.tune or args.breakdown:
-        res = tune(parts=args.tune.split(",")) if args.tune else breakdown(cases)
+        res = tune(parts=args.tune.split(","), cases=cases) if args.tune else breakdown(cases)
         if args.out:
             write_csv(res, args.out + ".csv")
         return 0

@@ -7,7 +7,7 @@ Methods, each checked against float32 math before it is timed:
     sdpa           torch scaled_dot_product_attention (enable_gqa) over KV materialised per row
                    [B, Hkv, prefix + suffix, D], what stock transformers runs;
     fi-*           FlashInfer's paths (:data:`FLASHINFER_PATHS`) on the same values in its paged layout, where
-                   it is importable (on a GPU machine: source its setup.sh; benchmarks/run_h200.sh does); else
+                   it is importable (on a GPU machine: source its setup.sh; benchmarks/run_gpu.sh does); else
                    their rows say "not installed". A path that fails or misses the check is reported and not
                    timed; the rest of the benchmark goes on.
 

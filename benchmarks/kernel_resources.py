@@ -135,7 +135,7 @@ def suffix(tile=None) -> Resources:
 
 def merge(block_h: int = 8, warps: int = 4) -> Resources:
     consts = dict(D=D, BLOCK_H=block_h, BLOCK_D=D, STRIDE_UNIT=16)
-    return compile_resources("merge", FF.merge._merge_kernel, consts, warps, 1, (block_h, "-", warps, 1))
+    return compile_resources("merge", FF.merge._merge_kernel, consts, warps, 1, f"({block_h} heads, {warps} warps)")
 
 
 def report(segment_tiles, suffix_tiles) -> list[dict]:
@@ -165,7 +165,8 @@ def main(argv=None) -> int:
     print(f"{'kernel':8s} {'config (M, N, warps, stages)':30s} {'regs':>5s} {'stack':>6s} {'shared':>8s} "
           f"{'threads':>7s} {'per SM':>6s} {'suffix beside 1 / 2 segment':>28s}")
     for r in rows:
-        beside = "" if r["kernel"] != "segment" else f"{r['suffix_beside_1']} / {r['suffix_beside_2']}"
+        two = r.get("suffix_beside_2")
+        beside = "" if r["kernel"] != "segment" else f"{r['suffix_beside_1']} / {'-' if two is None else two}"
         print(f"{r['kernel']:8s} {r['config']:30s} {r['regs']:5d} {r['stack']:6d} {r['shared']:8d} {r['threads']:7d} "
               f"{r['per_sm']:6d} {beside:>28s}")
     if args.json:

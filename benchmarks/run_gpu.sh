@@ -4,6 +4,7 @@
 # Stages, run in the order given (default: all, in this order):
 #   tests      the GPU tests (tests/gpu; test_multi_gpu.py needs 2 GPUs), 4 workers where pytest-xdist is installed
 #   ceilings   the card's rates as flashforge_hf.ceilings.measure finds them (for its MEASURED table)
+#   resources  each decode kernel's registers, spills and shared memory as this machine's Triton compiles them
 #   breakdown  each kernel of a layer alone, per attention case (bench attention --breakdown)
 #   tune       the whole layer under the segment kernel's tile configurations and waves (--tune layer)
 #   attention  the attention benchmark, FlashInfer's paths beside ours: benchmarks/results/attention_<card>.*
@@ -19,11 +20,11 @@ OUT=${OUT:-/tmp/flashforge-gpu}
 mkdir -p "$OUT"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 commit=(); [[ -n "${COMMIT:-}" ]] && commit=(--commit "$COMMIT")
-stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests ceilings breakdown tune attention generate)
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests ceilings resources breakdown tune attention generate)
 for stage in "${stages[@]}"; do
     case $stage in
-        tests|ceilings|breakdown|tune|attention|generate) ;;
-        *) echo "error: unknown stage '$stage' (tests, ceilings, breakdown, tune, attention, generate)" >&2; exit 2 ;;
+        tests|ceilings|resources|breakdown|tune|attention|generate) ;;
+        *) echo "error: unknown stage '$stage' (tests, ceilings, resources, breakdown, tune, attention, generate)" >&2; exit 2 ;;
     esac
 done
 if [[ -n "${FLASHINFER_DIR:-}" && ! -f "${FLASHINFER_DIR}/setup.sh" ]]; then
@@ -52,6 +53,7 @@ for stage in "${stages[@]}"; do
         tests) workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)  # Triton compiles in parallel
                python3 -m pytest tests/gpu -q "${workers[@]}" -p no:cacheprovider --durations=10 ;;
         ceilings) python3 -c "import torch; from flashforge_hf.ceilings import measure; print(measure(torch.device('cuda')))" ;;
+        resources) python3 benchmarks/kernel_resources.py --json "$OUT/kernel_resources.json" ;;
         breakdown) python3 benchmarks/attention.py --breakdown --out "$OUT/breakdown" ;;
         tune) python3 benchmarks/attention.py --tune layer --out "$OUT/tune_layer" ;;
         attention) [[ -n "$warm" ]] && { wait "$warm"; warm=""; }

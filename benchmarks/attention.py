@@ -11,13 +11,13 @@ Methods, each checked against float32 math before it is timed:
                    their rows say "not installed". A path that fails or misses the check is reported and not
                    timed; the rest of the benchmark goes on.
 
-Per case and method: median microseconds per call, eager (triton.testing.do_bench, L2 flushed before each
-call) and replayed from a CUDA graph (do_bench_cudagraph); wall microseconds per call in a back-to-back
-eager loop (includes host launch cost); inputs rotated over copies so that at least 100 MB cycle through the
-50 MB L2. Floor: the larger of the bytes term, (unique K/V bytes + q and out bytes) at the card's bandwidth, and
-the FLOPs term, 4 * B * Hq * (prefix + suffix) * D at its matmul rate (flashforge_hf.ceilings). Also the
-planner's host cost per forward against the attention time of a 32-layer forward, and the host cost of one
-layer call.
+Per case and method: median microseconds per call, eager (triton.testing.do_bench, L2 flushed before each call)
+and replayed from a CUDA graph (do_bench_cudagraph); wall microseconds per call in a back-to-back eager loop
+(includes host launch cost); inputs rotated over copies so that at least 100 MB cycle through the L2 (50 MB on an
+H100, 60 MB on an H200). Floor: the larger of the bytes term, (unique K/V bytes + q and out bytes) at the card's
+bandwidth, and the FLOPs term, 4 * B * Hq * (prefix + suffix) * D at its matmul rate (flashforge_hf.ceilings).
+Also the planner's host cost per forward against the attention time of a 32-layer forward, and the host cost of
+one layer call.
 
     python benchmarks/attention.py                     # every case; CSV + markdown under benchmarks/results/
     python benchmarks/attention.py --cases 64x4096+128 --no-write

@@ -20,7 +20,7 @@ import torch
 
 from flashforge_hf.ceilings import Ceilings, ceilings_for
 
-ROTATE_BYTES = 100e6  # timed inputs are copied until at least this many bytes cycle (2x the H100's 50 MB L2)
+ROTATE_BYTES = 100e6  # timed inputs are copied until at least this many bytes cycle (more than the L2: 50 MB on an H100, 60 MB on an H200)
 MAX_COPIES = 16
 
 

@@ -21,7 +21,8 @@ one layer call.
 
     python benchmarks/attention.py                     # every case; CSV + markdown under benchmarks/results/
     python benchmarks/attention.py --cases 64x4096+128 --no-write
-    python benchmarks/attention.py --tune              # tile-configuration sweep of the kernels
+    python benchmarks/attention.py --breakdown --cases 128x32768+1024   # each kernel of the layer alone
+    python benchmarks/attention.py --tune              # tile-configuration sweep (--tune layer: whole layers)
 """
 
 from __future__ import annotations

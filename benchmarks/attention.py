@@ -777,7 +777,9 @@ def merge_kernel(layer: Layer):
 def breakdown(cases=None, rep_ms: int = 50, seed: int = 0) -> list[dict]:
     """Where one layer's time goes: per case, graph-replay median us of each kernel alone (segment, suffix
     unmerged and merged, merge) and of the whole layer (graph, eager), with the bytes and FLOPs each kernel must
-    move and do and the rates that gives. Prints a table; returns one dict per (case, part)."""
+    move and do (K/V, queries and outputs, float32 partials written and read) and the rates that gives. One copy
+    of the inputs, not rotated: cases smaller than the L2 read partly from it. Prints a table; returns one dict per
+    (case, part)."""
     import triton.testing
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -788,17 +790,21 @@ def breakdown(cases=None, rep_ms: int = 50, seed: int = 0) -> list[dict]:
         layer = make_layer(case, gen, "cuda")
         plan = layer.plan()
         B = case.batch
-        seg_bytes = sum(case.seg_len) * HKV * D * 2 * 2
-        suf_bytes = B * case.suffix * HKV * D * 2 * 2
+        slot = HQ * (D + 1) * 4  # one partial slot of one query token: float32 output and LSE per query head
+        q_out = 2 * B * HQ * D * 2  # the queries read, the output written (bf16)
+        seg_bytes = sum(case.seg_len) * HKV * D * 2 * 2 + plan.suffix.slot0 * slot
+        suf_bytes = B * case.suffix * HKV * D * 2 * 2 + q_out
         seg_flops = 4 * HQ * D * sum(sum(case.seg_len[s] for s in p) for p in case.paths)
         suf_flops = 4 * HQ * D * B * case.suffix
         parts = []
         if plan.segments is not None:
             parts.append(("segment", seg_kernel(layer), seg_bytes, seg_flops))
-        parts.append(("suffix-unmerged", suf_kernel(layer, merged=False), suf_bytes, suf_flops))
+        parts.append(("suffix-unmerged", suf_kernel(layer, merged=False),
+                      suf_bytes + plan.suffix.n_splits * B * slot, suf_flops))
         if plan.suffix.n_splits == 1:
-            parts.append(("suffix-merged", suf_kernel(layer, merged=True), suf_bytes, suf_flops))
-        parts.append(("merge", merge_kernel(layer), 0, 0))
+            parts.append(("suffix-merged", suf_kernel(layer, merged=True), suf_bytes + plan.suffix.slot0 * slot,
+                          suf_flops))
+        parts.append(("merge", merge_kernel(layer), plan.n_slots * slot + B * HQ * D * 2, 0))
         calls, _, _ = ours_calls(layer, 1)
         parts.append(("layer", calls[0], case.nbytes(), case.flops()))
         for part, fn, nbytes, flops in parts:

@@ -71,7 +71,7 @@ from types import SimpleNamespace
 import torch
 
 import flashforge_hf
-from flashforge_bench.harness import (card_ceilings, card_name, floor_terms, git_commit, random_model,
+from flashforge_bench.harness import (card_ceilings, card_name, git_commit, random_model,
                                       read_csv, rel_err, tree_batch, utc_now)
 from flashforge_hf.ceilings import ceilings_for
 from flashforge_hf.comparison import COMPILED, EAGER, GRAPH, STOCK, Run, attention

@@ -794,8 +794,8 @@ def breakdown(cases=None, rep_ms: int = 50, seed: int = 0) -> list[dict]:
         q_out = 2 * B * HQ * D * 2  # the queries read, the output written (bf16)
         seg_bytes = sum(case.seg_len) * HKV * D * 2 * 2 + plan.suffix.slot0 * slot
         suf_bytes = B * case.suffix * HKV * D * 2 * 2 + q_out
-        seg_flops = 4 * HQ * D * sum(sum(case.seg_len[s] for s in p) for p in case.paths)
         suf_flops = 4 * HQ * D * B * case.suffix
+        seg_flops = case.flops() - suf_flops
         parts = []
         if plan.segments is not None:
             parts.append(("segment", seg_kernel(layer), seg_bytes, seg_flops))
@@ -827,7 +827,10 @@ def breakdown(cases=None, rep_ms: int = 50, seed: int = 0) -> list[dict]:
     return res
 
 
-def tune(rep_ms: int = 20, seed: int = 0, parts=("segment", "suffix", "layer"), cases=None) -> list[dict]:
+TUNE_PARTS = ("segment", "suffix", "layer")
+
+
+def tune(rep_ms: int = 20, seed: int = 0, parts=TUNE_PARTS, cases=None) -> list[dict]:
     """Sweep the kernels' tile configurations (graph-replay median us) on the cases that decide them. ``parts``:
     "segment" (the segment kernel alone, many stacked queries: compute-bound; with the planner's waves), "suffix"
     (the segment kernel with one row per segment and the merged suffix kernel alone: memory-bound), "layer" (the
@@ -902,18 +905,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="results file stem (default benchmarks/results/attention_<card>)")
     ap.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse HEAD)")
     ap.add_argument("--no-write", action="store_true", help="print only")
-    ap.add_argument("--tune", nargs="?", const="segment,suffix,layer", default=None, metavar="PARTS",
-                    help="sweep the kernels' tile configurations instead; PARTS: a comma-separated subset of "
-                         "segment,suffix,layer (default all)")
-    ap.add_argument("--breakdown", action="store_true",
-                    help="time each kernel of a layer alone instead (where the time goes), for --cases")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--tune", nargs="?", const=",".join(TUNE_PARTS), default=None, metavar="PARTS",
+                      help="sweep the kernels' tile configurations instead; PARTS: a comma-separated subset of "
+                           f"{','.join(TUNE_PARTS)} (default all)")
+    mode.add_argument("--breakdown", action="store_true",
+                      help="time each kernel of a layer alone instead (where the time goes), for --cases")
     return ap
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     cases = args.cases.split(",") if args.cases else None
+    names = [c.name for c in CASES]
+    unknown = [name for name in cases or () if name not in names]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}; the cases are: {'; '.join(names)}")
+    if args.tune and not set(args.tune.split(",")) <= set(TUNE_PARTS):
+        ap.error(f"--tune takes a comma-separated subset of {','.join(TUNE_PARTS)}, got {args.tune!r}")
     if args.tune or args.breakdown:
         res = tune(parts=args.tune.split(","), cases=cases) if args.tune else breakdown(cases)
         if args.out:

@@ -49,7 +49,15 @@ class Resources:
     stack: int  # bytes per thread (spilled registers)
     shared: int  # bytes per program
     threads: int
-    per_sm: int  # programs one multiprocessor holds
+
+    @property
+    def per_sm(self) -> int:
+        """Programs of this kernel that one multiprocessor holds at once."""
+        return resident(self)
+
+    def row(self) -> dict:
+        """The fields and ``per_sm``, as the report prints and writes them."""
+        return dict(asdict(self), per_sm=self.per_sm)
 
     def regs_per_program(self) -> int:
         per_warp = -(-self.regs * 32 // REG_UNIT) * REG_UNIT
@@ -110,9 +118,7 @@ def compile_resources(kernel: str, fn, constexprs: dict, num_warps: int, num_sta
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage gave no register count for {kernel}:\n{out}")
-    res = Resources(kernel, str(config), int(m.group(1)), int(m.group(2)), compiled.metadata.shared, 32 * num_warps, 0)
-    res.per_sm = resident(res)
-    return res
+    return Resources(kernel, str(config), int(m.group(1)), int(m.group(2)), compiled.metadata.shared, 32 * num_warps)
 
 
 def segment(block_m: int, tile=None) -> Resources:
@@ -146,10 +152,10 @@ def report(segment_tiles, suffix_tiles) -> list[dict]:
     default_suffix = sufs[0]
     rows = []
     for r in segs:
-        rows.append(dict(asdict(r), suffix_beside_1=resident(default_suffix, [r]),
+        rows.append(dict(r.row(), suffix_beside_1=resident(default_suffix, [r]),
                          suffix_beside_2=resident(default_suffix, [r, r]) if r.per_sm >= 2 else None))
-    rows += [asdict(r) for r in sufs]
-    rows.append(asdict(merge()))
+    rows += [r.row() for r in sufs]
+    rows.append(merge().row())
     return rows
 
 

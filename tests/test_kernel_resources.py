@@ -14,7 +14,7 @@ from flashforge_bench import kernel_resources as kr
 
 
 def _res(regs, shared, threads=128):
-    return kr.Resources("k", "c", regs, 0, shared, threads, 0)
+    return kr.Resources("k", "c", regs, 0, shared, threads)
 
 
 def test_occupancy_arithmetic():
@@ -33,7 +33,7 @@ def test_occupancy_arithmetic():
 
 def test_report_compiles_for_sm90_without_a_gpu():
     code = ("import json; from flashforge_bench import kernel_resources as kr; "
-            "print(json.dumps([kr.asdict(kr.segment(64)), kr.asdict(kr.suffix()), kr.asdict(kr.merge())]))")
+            "print(json.dumps([kr.segment(64).row(), kr.suffix().row(), kr.merge().row()]))")
     env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,6 +1,6 @@
-"""The planner's waves (segment tasks per SM) on the H100: forest attention (segment, suffix and merge kernels)
-of one layer per case, with WAVES=(2,) (every plan aims at two waves) against the planner's choice of
-one or two, graph-replay median over rotated input copies. Writes benchmarks/results/planner_waves_<card>.md.
+"""The planner's waves (segment tasks per SM): forest attention (segment, suffix and merge kernels) of one layer
+per case with every plan aiming at one wave, at two waves, and with the planner's choice, graph-replay median over
+rotated input copies. Writes benchmarks/results/planner_waves_<card>.md.
 
     python benchmarks/planner_waves.py [--commit SHA]
 """
@@ -28,7 +28,7 @@ def main() -> int:
     for case in cases:
         layer = ba.make_layer(case, gen, "cuda")
         row = {"case": case.name}
-        for label, waves in (("two waves", (2,)), ("planner's choice", ba.FF.planner.WAVES), ("two waves again", (2,))):
+        for label, waves in (("one wave", (1,)), ("two waves", (2,)), ("planner's choice", ba.FF.planner.WAVES)):
             with ba.patched(ba.FF.planner, WAVES=waves):
                 calls, plan, _ = ba.ours_calls(layer, n_copies(case.unique_kv_tokens() * ba.HKV * ba.D * 4))
                 row[label] = round(time_calls(calls, 60)["graph_us"], 2)
@@ -39,15 +39,15 @@ def main() -> int:
         torch.cuda.empty_cache()
     card, slug = card_name(torch.device("cuda"))
     commit = args.commit or git_commit()
-    lines = [f"# Planner waves: two vs the planner's choice ({card})", "",
+    labels = ("one wave", "two waves", "planner's choice")
+    lines = [f"# Planner waves: one, two, the planner's choice ({card})", "",
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, "
              f"`python {' '.join(sys.argv)}`", "",
              "One layer's forest attention (32 query / 8 KV heads, D=128, bf16), graph-replay median in us; "
              "slots/row: segment partials per row.", "",
-             "| case | two waves | slots/row | planner's choice | slots/row | two waves again |", "|---|---|---|---|---|---|"]
-    two, mine = "two waves", "planner's choice"
-    lines += [f"| {r['case']} | {r[two]} | {r[two + ' slots/row']} | {r[mine]} | {r[mine + ' slots/row']} | "
-              f"{r[two + ' again']} |" for r in rows]
+             "| case | " + " | ".join(f"{x} | slots/row" for x in labels) + " |", "|---" * 7 + "|"]
+    lines += ["| " + " | ".join([r["case"]] + [f"{r[x]} | {r[x + ' slots/row']}" for x in labels]) + " |"
+              for r in rows]
     path = Path(args.out_dir) / f"planner_waves_{slug}.md"
     path.write_text("\n".join(lines) + "\n")
     print("wrote", path)

@@ -350,7 +350,7 @@ class PrefixSharingCache(Cache):
         self._end.fill_(self.cursor + 1)
         self.planner.forget_decode_plans()
 
-    def static_plan_key(self, bound: int) -> tuple[int, int]:
+    def static_plan_key(self, bound: int) -> tuple:
         """See :meth:`ForestPlanner.static_plan_key`."""
         return self.planner.static_plan_key(bound, self.layers[0].seg_k.shape[0])
 

@@ -8,12 +8,13 @@ writes itself. The "flashforge" attention function (attention.py) finds it and c
 which checks that the hand-off is for this layer, this model and the current forward pass, takes the pass's
 plan and runs :func:`~flashforge_hf.forest_attention.forest_attention`.
 
-Plans (:class:`ForestPlanner`, one per cache). A forward pass's plan is made at its first layer and reused by
-all the others; layers on another device (``device_map``) get a copy of its few small tensors, made once per
-pass and device. Decoding plans the forest's part once per query geometry (the segments do not change), and
-one-token passes take the plan of their bucket of suffix ends (:func:`bucket_bound`), made for the bucket's
-largest end: the steps of a bucket neither plan nor bind launches again, and transformers' eager loop runs
-the plans that the static loop's CUDA graphs replay (graphs.py), so both give the same results.
+Plans (:class:`ForestPlanner`, one per cache). A forward pass's plan is made at its first layer and reused by all
+the others; layers on another device (``device_map``) get a copy of its few small tensors, made once per pass and
+device. Decoding plans the forest's part once per query geometry and choice of segment waves (the segments do not
+change; the waves follow the suffix length, see planner.py), and one-token passes take the plan of their bucket of
+suffix ends (:func:`bucket_bound`), made for the bucket's largest end: the steps of a bucket neither plan nor bind
+launches again, and transformers' eager loop runs the plans that the static loop's CUDA graphs replay (graphs.py),
+so both give the same results.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .forest_attention import forest_attention
-from .planner import ForestPlan, make_plan, plan_forward, plan_suffix_splits, segment_part
+from .planner import DeviceModel, ForestPlan, make_plan, plan_forward, plan_suffix_splits, segment_load, segment_part
 from .prefix_tree import Forest
 
 MIN_BUCKET = 256  # columns: the smallest bucket bound of decode plans
@@ -68,7 +69,8 @@ class ForestPlanner:
         self.suffix_start, self.suffix_end = suffix_start, suffix_end
         self.capacity = capacity
         self.device = device
-        self._segment_parts: dict = {}
+        self._loads: dict = {}  # (geometry, KV heads) -> the forest's SegmentLoad, which picks the waves
+        self._segment_parts: dict = {}  # (geometry, waves) -> SegmentPart
         self._decode_plan: tuple | None = None  # (bound, geometry, plan) of the current bucket
         self._workspaces: dict = {}
 
@@ -92,28 +94,42 @@ class ForestPlanner:
 
     def _suffix_plan(self, end: int, Q: int, G: int, num_kv_heads: int, D: int, itemsize: int) -> ForestPlan:
         geometry = (Q, G, D, itemsize)
-        if geometry not in self._segment_parts:
-            self._segment_parts[geometry] = segment_part([list(p) for p in self.forest.paths], self.seg_start,
-                                                         self.seg_len, Q, G, num_kv_heads, D, itemsize, self.device)
+        bound = end if Q != 1 else bucket_bound(end, self.capacity)
+        waves = self._waves(geometry, num_kv_heads, bound)
+        if (geometry, waves) not in self._segment_parts:
+            self._segment_parts[geometry, waves] = segment_part(
+                [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, num_kv_heads, D, itemsize,
+                self.device, waves=waves)
+        part = self._segment_parts[geometry, waves]
         if Q != 1:
-            return plan_forward(self._segment_parts[geometry], self.suffix_start, self.suffix_end, end, Q,
-                                num_kv_heads, self.device)
-        bound = bucket_bound(end, self.capacity)
+            return plan_forward(part, self.suffix_start, self.suffix_end, end, Q, num_kv_heads, self.device)
         if self._decode_plan is None or self._decode_plan[:2] != (bound, geometry):  # buckets only grow
-            plan = plan_forward(self._segment_parts[geometry], self.suffix_start, self.suffix_end, bound, 1,
-                                num_kv_heads, self.device)
+            plan = plan_forward(part, self.suffix_start, self.suffix_end, bound, 1, num_kv_heads, self.device)
             self._decode_plan = (bound, geometry, plan)
         return self._decode_plan[2]
+
+    def _waves(self, geometry: tuple, num_kv_heads: int, suffix_cols: int) -> int | None:
+        """The segment waves of a pass with this query ``geometry`` beside a suffix pass over ``suffix_cols``
+        columns (:meth:`~flashforge_hf.planner.SegmentLoad.best_waves`); None without shared segments."""
+        if (geometry, num_kv_heads) not in self._loads:
+            Q, G, D, itemsize = geometry
+            self._loads[geometry, num_kv_heads] = segment_load(
+                [list(p) for p in self.forest.paths], self.seg_len, Q, G, num_kv_heads, D, itemsize,
+                DeviceModel.for_device(self.device))
+        load = self._loads[geometry, num_kv_heads]
+        return None if load is None else load.best_waves(suffix_cols)
 
     def forget_decode_plans(self) -> None:
         """Entering or leaving static decoding: the next one-token pass plans afresh."""
         self._decode_plan = None
 
-    def static_plan_key(self, bound: int, num_kv_heads: int) -> tuple[int, int]:
-        """What the plan of the one-token passes up to ``bound`` depends on besides the forest: the suffix splits.
-        Bounds with equal keys get equal plans (same tables, buffers and launch arguments), so a CUDA graph
-        captured under one stays valid under the other."""
-        return plan_suffix_splits(len(self.forest.paths), num_kv_heads, bound, 1, self.device)
+    def static_plan_key(self, bound: int, num_kv_heads: int) -> tuple:
+        """What the plan of the one-token passes up to ``bound`` depends on besides the forest: the suffix splits
+        and the segment waves (for the query geometry of the current decode plan). Bounds with equal keys get equal
+        plans (same tables, buffers and launch arguments), so a CUDA graph captured under one stays valid under
+        the other."""
+        waves = None if self._decode_plan is None else self._waves(self._decode_plan[1], num_kv_heads, bound)
+        return (*plan_suffix_splits(len(self.forest.paths), num_kv_heads, bound, 1, self.device), waves)
 
     def workspace(self, device: torch.device) -> dict:
         """The partial buffers' storage on ``device`` (see :meth:`ForestPlan.partial_buffers`)."""

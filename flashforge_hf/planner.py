@@ -11,11 +11,14 @@ and each segment is split along its length into chunks so that the tasks of all 
 every SM ``waves`` times with near-equal cost; the chunk boundaries are multiples of the kernel's key tile.
 
 How many waves: more chunks balance the SMs better, but every chunk of every row writes a float32 partial
-(Hq x (D + 1) x 4 bytes per query) that the merge reads back. :func:`plan_segments` plans each of
-:data:`WAVES` and keeps the one whose estimate (the segment work spread over the SMs, slowed
-when no SM holds two tasks, plus the partials' bytes written and read) is least. The rates are the card's
-own (:mod:`flashforge_hf.ceilings`); the two constants (a task's fixed cost, the single-task slowdown) are
-calibrated on measured layer times (docs/design.md, "The cost model").
+(Hq x (D + 1) x 4 bytes per query) that the merge reads back, and two segment tasks per SM leave no room beside
+them for the suffix kernel's programs (registers: benchmarks/kernel_resources.py), so the layer's suffix pass
+then runs after the segment pass instead of beside it. :func:`plan_segments` plans each of :data:`WAVES` and keeps
+the one whose estimate is least: the segment work spread over the SMs (slowed when no SM holds two tasks),
+overlapped with the suffix pass's K/V stream when each SM holds at most one segment task and added to it
+otherwise, plus the partials' bytes written and read. The rates are the card's own
+(:mod:`flashforge_hf.ceilings`); the two constants (a task's fixed cost, the single-task slowdown) are calibrated
+on measured layer times (docs/design.md, "The cost model").
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ class SegmentLoad:
     head_dim: int
     itemsize: int
     num_kv_heads: int
+    num_rows: int
     dev: DeviceModel
     on_gpu: bool
 
@@ -151,24 +155,33 @@ class SegmentLoad:
             chunks[s] = math.ceil(n / step[s])
         return chunks, step
 
-    def estimate(self, chunks: dict) -> float:
+    def suffix_seconds(self, suffix_cols: int) -> float:
+        """Seconds of the same layer's suffix pass: every row's K/V over ``suffix_cols`` columns at the bandwidth."""
+        return 2 * self.num_rows * self.num_kv_heads * suffix_cols * self.head_dim * self.itemsize / self.dev.bandwidth
+
+    def estimate(self, chunks: dict, suffix_cols: int = 0) -> float:
         """Seconds of the segment pass (its K/V read once, its tiles' FLOPs, a fixed cost per task spread over
-        the SMs; slower when no SM holds two tasks) and of its partials' round trip."""
+        the SMs; slower when no SM holds two tasks) beside or after a suffix pass over ``suffix_cols`` columns
+        (beside it when each SM holds at most one segment task), and of the partials' round trip."""
         dev, hkv, d = self.dev, self.num_kv_heads, self.head_dim
         programs = hkv * sum(self.tiles[s] * chunks[s] for s in self.segs)
         byts = hkv * sum(2 * self.seg_len[s] * d * self.itemsize for s in self.segs)
         flops = hkv * sum(4 * self.tiles[s] * self.block_m * self.seg_len[s] * d for s in self.segs)
         work = max(byts / dev.bandwidth, flops / dev.flops) + programs * dev.task_overhead / dev.num_sms
+        suffix = self.suffix_seconds(suffix_cols)
         if programs <= dev.num_sms:
-            work *= SINGLE_TASK_SLOWDOWN
+            work = max(work * SINGLE_TASK_SLOWDOWN, suffix)
+        else:
+            work += suffix
         partials = sum(chunks[s] * self.m_of[s] for s in self.segs) * hkv * (d + 1) * 4 * 2
         return work + partials / dev.bandwidth
 
-    def best_chunking(self, waves: int | None) -> tuple[dict, dict]:
-        """The chunking of ``waves`` tasks per SM, or of the cheapest of :data:`WAVES` (one chunk per segment
-        off the GPU)."""
-        options = [self.chunking(w) for w in ((WAVES if waves is None else (waves,)) if self.on_gpu else (1,))]
-        return min(options, key=lambda o: self.estimate(o[0]))
+    def best_waves(self, suffix_cols: int = 0) -> int:
+        """The entry of :data:`WAVES` whose chunking has the least estimate beside a suffix pass over
+        ``suffix_cols`` columns (1 off the GPU)."""
+        if not self.on_gpu:
+            return 1
+        return min(WAVES, key=lambda w: self.estimate(self.chunking(w)[0], suffix_cols))
 
 
 def segment_load(paths, seg_len, q_len: int, group: int, num_kv_heads: int, head_dim: int, itemsize: int,
@@ -188,8 +201,8 @@ def segment_load(paths, seg_len, q_len: int, group: int, num_kv_heads: int, head
     else:
         block_m, block_n = _pow2_at_least(max(m_of.values()), 1), 64
     tiles = {s: math.ceil(m / block_m) for s, m in m_of.items()}
-    return SegmentLoad(rows_of, list(seg_len), m_of, tiles, block_m, block_n, head_dim, itemsize, num_kv_heads, dev,
-                       on_gpu)
+    return SegmentLoad(rows_of, list(seg_len), m_of, tiles, block_m, block_n, head_dim, itemsize, num_kv_heads,
+                       len(paths), dev, on_gpu)
 
 
 def plan_segments(
@@ -204,16 +217,17 @@ def plan_segments(
     device: torch.device,
     waves: int | None = None,
     device_model: DeviceModel | None = None,
+    suffix_cols: int = 0,
 ) -> tuple[SegmentTasks | None, list[int]]:
     """Split and order the shared segments' tasks; returns (tasks, row_slot_off as Python ints).
-    ``waves``: tasks per SM to aim at (default: the cheapest of :data:`WAVES`, see the module docstring).
-    ``device_model``: the card to plan for (default:
+    ``waves``: tasks per SM to aim at (default: :meth:`SegmentLoad.best_waves` beside a suffix pass over
+    ``suffix_cols`` columns, see the module docstring). ``device_model``: the card to plan for (default:
     ``device``'s own; a GPU model plans GPU tiles and chunks for tensors on any device, which tests use)."""
     load = segment_load(paths, seg_len, q_len, group, num_kv_heads, head_dim, itemsize,
                         device_model or DeviceModel.for_device(device))
     if load is None:
         return None, [0] * (len(paths) + 1)
-    chunks, step = load.best_chunking(waves)
+    chunks, step = load.chunking(waves if waves is not None else load.best_waves(suffix_cols))
     # Partial slots: per row, its path's segment chunks in path order.
     row_slot_off = [0]
     base_of: dict[tuple[int, int], int] = {}
@@ -287,10 +301,13 @@ class SegmentPart(NamedTuple):
     row_slot_off_dev: torch.Tensor  # the same, int32 on the plan's device
 
 
-def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device) -> SegmentPart:
-    """The part of a plan that depends only on the forest and the query length, so that decoding (whose suffixes
-    grow every step) makes it once."""
-    seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
+def segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device,
+                 waves: int | None = None, suffix_cols: int = 0) -> SegmentPart:
+    """The part of a plan that depends only on the forest, the query length and the segment waves (``waves``, or
+    the best beside a suffix pass over ``suffix_cols`` columns; see :func:`plan_segments`), so that decoding
+    (whose suffixes grow every step) makes it once per choice of waves."""
+    seg_tasks, row_slot_off = plan_segments(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize,
+                                            device, waves=waves, suffix_cols=suffix_cols)
     return SegmentPart(seg_tasks, row_slot_off, torch.tensor(row_slot_off, dtype=torch.int32).to(device, non_blocking=True))
 
 
@@ -326,6 +343,7 @@ def make_plan(
     device: torch.device,
 ) -> ForestPlan:
     """Plan one forward pass. ``suffix_start`` is int32 [R] on ``device``; everything else is host data."""
-    segments = segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device)
+    segments = segment_part(paths, seg_start, seg_len, q_len, group, num_kv_heads, head_dim, itemsize, device,
+                            suffix_cols=suffix_end)
     end = torch.full((1,), suffix_end, dtype=torch.int32, device=device)
     return plan_forward(segments, suffix_start, end, suffix_end, q_len, num_kv_heads, device)

@@ -53,6 +53,19 @@ def _halves(num_rows, num_kv_heads, end, q_len, device, device_model=None):
     return (-(-end // 2), 2) if end > 8 else (planner.ONE_SPLIT, 1)
 
 
+def test_plan_key_holds_the_segment_waves(model, monkeypatch):
+    """A captured graph replays in the next bucket only where that bucket's plan is the same: the key holds the
+    segment waves that the bucket's suffix length picks (here one wave up to 16 columns, two past them)."""
+    monkeypatch.setattr(planner.SegmentLoad, "best_waves", lambda self, suffix_cols=0: 1 if suffix_cols <= 16 else 2)
+    ids, mask = tree_batch(seed=3)
+    cache, inputs = flashforge_hf.prefill_shared(model, ids, mask, max_new_tokens=8, min_shared_tokens=4)
+    model(**inputs, **{flashforge_hf.cache_kwarg(model): cache})  # the suffixes' prefill
+    model(input_ids=inputs["input_ids"][:, -1:], **{flashforge_hf.cache_kwarg(model): cache})  # one decode step
+    key = cache.static_plan_key
+    assert key(8) == key(16) != key(32) == key(64)
+    assert key(8)[-1] == 1 and key(32)[-1] == 2
+
+
 @pytest.mark.parametrize("splits", ["planner", "halves"])
 def test_eager_loop_equals_static_loop_bitwise(model, monkeypatch, splits, entry):
     """flashforge_hf.generate with cuda_graph=False (transformers' loop) against our static loop: logits and tokens

@@ -477,6 +477,17 @@ def test_planner_picks_the_waves_measured_faster(rows, n, chunks):
     assert seg.host in (one.host, two.host)
 
 
+@pytest.mark.parametrize("rows, n, suffix, chunks", [(128, 32768, 1024, 2), (128, 8192, 256, 2), (64, 16384, 512, 4),
+                                                      (256, 4096, 64, 1)])
+def test_planner_streams_the_suffix_beside_one_wave(rows, n, suffix, chunks):
+    """H100 plans of one shared segment beside the rows' own K/V: where the suffix stream is comparable to the
+    segment work, one segment task per SM (a suffix program fits beside each; two leave no room) is kept, which
+    the whole layer measured faster at these shapes; the same segment alone is planned in two waves."""
+    plan = lambda cols: plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"),  # noqa: E731
+                                      device_model=H100, suffix_cols=cols)[1][1]
+    assert plan(suffix) == chunks and plan(0) == 2 * chunks
+
+
 def test_suffix_plans_without_splits_are_equal_for_every_end():
     """H100 suffix plans (8 KV heads, one query token): batches that fill the card never split, and their plan
     is the same for every end (a graph captured with it stays valid); one row splits more as its suffix grows."""

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from .forest_attention import forest_attention
-from .planner import DeviceModel, ForestPlan, make_plan, plan_forward, plan_suffix_splits, segment_load, segment_part
+from .planner import (DeviceModel, ForestPlan, SegmentPart, make_plan, plan_forward, plan_suffix_splits, segment_load,
+                      segment_part)
 from .prefix_tree import Forest
 
 MIN_BUCKET = 256  # columns: the smallest bucket bound of decode plans
@@ -94,19 +95,26 @@ class ForestPlanner:
 
     def _suffix_plan(self, end: int, Q: int, G: int, num_kv_heads: int, D: int, itemsize: int) -> ForestPlan:
         geometry = (Q, G, D, itemsize)
-        bound = end if Q != 1 else bucket_bound(end, self.capacity)
-        waves = self._waves(geometry, num_kv_heads, bound)
+        if Q != 1:
+            return plan_forward(self._segment_part(geometry, num_kv_heads, end), self.suffix_start, self.suffix_end,
+                                end, Q, num_kv_heads, self.device)
+        bound = bucket_bound(end, self.capacity)
+        if self._decode_plan is None or self._decode_plan[:2] != (bound, geometry):  # buckets only grow
+            plan = plan_forward(self._segment_part(geometry, num_kv_heads, bound), self.suffix_start,
+                                self.suffix_end, bound, 1, num_kv_heads, self.device)
+            self._decode_plan = (bound, geometry, plan)
+        return self._decode_plan[2]
+
+    def _segment_part(self, geometry: tuple, num_kv_heads: int, suffix_cols: int) -> SegmentPart:
+        """The forest's part of a plan for this query ``geometry`` beside a suffix pass over ``suffix_cols``
+        columns: made once per choice of segment waves."""
+        waves = self._waves(geometry, num_kv_heads, suffix_cols)
         if (geometry, waves) not in self._segment_parts:
+            Q, G, D, itemsize = geometry
             self._segment_parts[geometry, waves] = segment_part(
                 [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, num_kv_heads, D, itemsize,
                 self.device, waves=waves)
-        part = self._segment_parts[geometry, waves]
-        if Q != 1:
-            return plan_forward(part, self.suffix_start, self.suffix_end, end, Q, num_kv_heads, self.device)
-        if self._decode_plan is None or self._decode_plan[:2] != (bound, geometry):  # buckets only grow
-            plan = plan_forward(part, self.suffix_start, self.suffix_end, bound, 1, num_kv_heads, self.device)
-            self._decode_plan = (bound, geometry, plan)
-        return self._decode_plan[2]
+        return self._segment_parts[geometry, waves]
 
     def _waves(self, geometry: tuple, num_kv_heads: int, suffix_cols: int) -> int | None:
         """The segment waves of a pass with this query ``geometry`` beside a suffix pass over ``suffix_cols``

@@ -481,8 +481,9 @@ def test_planner_picks_the_waves_measured_faster(rows, n, chunks):
                                                       (256, 4096, 64, 1)])
 def test_planner_streams_the_suffix_beside_one_wave(rows, n, suffix, chunks):
     """H100 plans of one shared segment beside the rows' own K/V: where the suffix stream is comparable to the
-    segment work, one segment task per SM (a suffix program fits beside each; two leave no room) is kept, which
-    the whole layer measured faster at these shapes; the same segment alone is planned in two waves."""
+    segment work, one segment task per SM (a suffix program fits beside each; two leave no room) is kept, as the
+    whole layer measured faster at three of these shapes (benchmarks/results/tune_layer_h100.md); the same
+    segment alone is planned in two waves."""
     plan = lambda cols: plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"),  # noqa: E731
                                       device_model=H100, suffix_cols=cols)[1][1]
     assert plan(suffix) == chunks and plan(0) == 2 * chunks

@@ -467,9 +467,10 @@ def test_gpu_plans_write_every_partial_slot(rows, q_len):
 @pytest.mark.parametrize("rows, n, chunks", [(64, 4096, 4), (256, 650, 1), (32, 4096, 8), (64, 16384, 8),
                                               (128, 32768, 4), (256, 4096, 2)])
 def test_planner_picks_the_waves_measured_faster(rows, n, chunks):
-    """H100 plans of one shared segment (8 KV heads, G=4, one query token per row): one wave where the partials'
-    round trip outweighs the balance (document QA, few-shot), two where the segment work is compute-bound; each
-    as measured faster (benchmarks/results/planner_waves_h100*.md)."""
+    """H100 plans of one shared segment alone (8 KV heads, G=4, one query token per row, no suffix pass beside
+    it): one wave where the partials' round trip outweighs the balance (document QA, few-shot), two where the
+    segment work is compute-bound (benchmarks/results/planner_waves_h100*.md; with a suffix pass beside it, see
+    the next test)."""
     seg, off = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), device_model=H100)
     assert off[1] == chunks
     one, _ = plan_segments([[0]] * rows, [0], [n], 1, 4, 8, 128, 2, torch.device("cpu"), waves=1, device_model=H100)

@@ -67,6 +67,7 @@ class ForestPlanner:
         self.forest = forest
         self.seg_len = [len(t) for t in forest.seg_tokens]
         self.seg_start = [sum(self.seg_len[:s]) for s in range(len(self.seg_len))]  # packed offsets
+        self.paths = [list(p) for p in forest.paths]  # each row's shared segments, root first
         self.suffix_start, self.suffix_end = suffix_start, suffix_end
         self.capacity = capacity
         self.device = device
@@ -112,8 +113,7 @@ class ForestPlanner:
         if (geometry, waves) not in self._segment_parts:
             Q, G, D, itemsize = geometry
             self._segment_parts[geometry, waves] = segment_part(
-                [list(p) for p in self.forest.paths], self.seg_start, self.seg_len, Q, G, num_kv_heads, D, itemsize,
-                self.device, waves=waves)
+                self.paths, self.seg_start, self.seg_len, Q, G, num_kv_heads, D, itemsize, self.device, waves=waves)
         return self._segment_parts[geometry, waves]
 
     def _waves(self, geometry: tuple, num_kv_heads: int, suffix_cols: int) -> int | None:
@@ -122,8 +122,7 @@ class ForestPlanner:
         if (geometry, num_kv_heads) not in self._loads:
             Q, G, D, itemsize = geometry
             self._loads[geometry, num_kv_heads] = segment_load(
-                [list(p) for p in self.forest.paths], self.seg_len, Q, G, num_kv_heads, D, itemsize,
-                DeviceModel.for_device(self.device))
+                self.paths, self.seg_len, Q, G, num_kv_heads, D, itemsize, DeviceModel.for_device(self.device))
         load = self._loads[geometry, num_kv_heads]
         return None if load is None else load.best_waves(suffix_cols)
 
@@ -137,7 +136,7 @@ class ForestPlanner:
         plans (same tables, buffers and launch arguments), so a CUDA graph captured under one stays valid under
         the other."""
         waves = None if self._decode_plan is None else self._waves(self._decode_plan[1], num_kv_heads, bound)
-        return (*plan_suffix_splits(len(self.forest.paths), num_kv_heads, bound, 1, self.device), waves)
+        return (*plan_suffix_splits(len(self.paths), num_kv_heads, bound, 1, self.device), waves)
 
     def workspace(self, device: torch.device) -> dict:
         """The partial buffers' storage on ``device`` (see :meth:`ForestPlan.partial_buffers`)."""

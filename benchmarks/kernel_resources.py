@@ -49,6 +49,7 @@ class Resources:
     stack: int  # bytes per thread (spilled registers)
     shared: int  # bytes per program
     threads: int
+    async_loads: int  # cp.async instructions in the PTX: > 0 where the key/value loads are software-pipelined
 
     @property
     def per_sm(self) -> int:
@@ -107,8 +108,13 @@ def compile_resources(kernel: str, fn, constexprs: dict, num_warps: int, num_sta
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("The kernel resource report compiles the kernels, which Triton's interpreter does not: "
                            "run it with TRITON_INTERPRET=0 (no GPU is needed).")
-    src = ASTSource(fn=fn, signature=_signature(fn, constexprs),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    signature = _signature(fn, constexprs)
+    # Every pointer 16-byte aligned, as the launchers pass them (KernelLauncher keys its variants on it, and Triton
+    # specializes pointer arguments on it): without that the compiler can neither vectorize nor pipeline the loads,
+    # and would report another kernel than the one that runs.
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -118,7 +124,8 @@ def compile_resources(kernel: str, fn, constexprs: dict, num_warps: int, num_sta
     m = re.search(r"REG:(\d+) STACK:(\d+)", out)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage gave no register count for {kernel}:\n{out}")
-    return Resources(kernel, str(config), int(m.group(1)), int(m.group(2)), compiled.metadata.shared, 32 * num_warps)
+    return Resources(kernel, str(config), int(m.group(1)), int(m.group(2)), compiled.metadata.shared, 32 * num_warps,
+                     len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", compiled.asm["ptx"])))
 
 
 def segment(block_m: int, tile=None) -> Resources:
@@ -169,12 +176,12 @@ def main(argv=None) -> int:
     print(f"sm_90, triton {triton.__version__}, decode: {DTYPE}, D={D}, G={G}; one multiprocessor: {SM['regs']} "
           f"registers, {SM['shared'] // 1024} KB shared, {SM['threads']} threads")
     print(f"{'kernel':8s} {'config (M, N, warps, stages)':30s} {'regs':>5s} {'stack':>6s} {'shared':>8s} "
-          f"{'threads':>7s} {'per SM':>6s} {'suffix beside 1 / 2 segment':>28s}")
+          f"{'threads':>7s} {'per SM':>6s} {'cp.async':>8s} {'suffix beside 1 / 2 segment':>28s}")
     for r in rows:
         two = r.get("suffix_beside_2")
         beside = "" if r["kernel"] != "segment" else f"{r['suffix_beside_1']} / {'-' if two is None else two}"
         print(f"{r['kernel']:8s} {r['config']:30s} {r['regs']:5d} {r['stack']:6d} {r['shared']:8d} {r['threads']:7d} "
-              f"{r['per_sm']:6d} {beside:>28s}")
+              f"{r['per_sm']:6d} {r['async_loads']:8d} {beside:>28s}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

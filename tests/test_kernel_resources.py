@@ -14,7 +14,7 @@ from flashforge_bench import kernel_resources as kr
 
 
 def _res(regs, shared, threads=128):
-    return kr.Resources("k", "c", regs, 0, shared, threads)
+    return kr.Resources("k", "c", regs, 0, shared, threads, 0)
 
 
 def test_occupancy_arithmetic():
@@ -42,6 +42,9 @@ def test_report_compiles_for_sm90_without_a_gpu():
     for r in rows:
         assert 16 <= r["regs"] <= 255 and r["stack"] >= 0 and r["threads"] in (32, 64, 128, 256) and r["per_sm"] >= 1, r
     assert rows[0]["shared"] > 0 and rows[1]["shared"] > 0  # the key/value tiles are staged in shared memory
+    # compiled as launched (16-byte aligned pointers): the key/value loads are pipelined with asynchronous copies;
+    # compiled without the alignment, the same kernels load synchronously and report other registers and shared memory
+    assert rows[0]["async_loads"] > 0 and rows[1]["async_loads"] > 0, rows
 
 
 def test_report_refuses_the_interpreter():

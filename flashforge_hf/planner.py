@@ -12,7 +12,7 @@ every SM ``waves`` times with near-equal cost; the chunk boundaries are multiple
 
 How many waves: more chunks balance the SMs better, but every chunk of every row writes a float32 partial
 (Hq x (D + 1) x 4 bytes per query) that the merge reads back, and two segment tasks per SM leave no room beside
-them for the suffix kernel's programs (registers: benchmarks/kernel_resources.py), so the layer's suffix pass
+them for the suffix kernel's programs (shared memory: benchmarks/kernel_resources.py), so the layer's suffix pass
 then runs after the segment pass instead of beside it. :func:`plan_segments` plans each of :data:`WAVES` and keeps
 the one whose estimate is least: the segment work spread over the SMs (slowed when no SM holds two tasks),
 overlapped with the suffix pass's K/V stream when each SM holds at most one segment task and added to it

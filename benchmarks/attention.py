@@ -527,9 +527,11 @@ def finish_case(rows: list[dict]) -> None:
         ours.update(make_plan_share=ours["make_plan_us"] / forward_us, replan_share=ours["replan_us"] / forward_us)
 
 
-def run_attention_benchmark(cases=None, rep_ms: int = 100, seed: int = 0) -> list[dict]:
+def run_attention_benchmark(cases=None, rep_ms: int = 100, seed: int = 0, on_case=None) -> list[dict]:
     """Benchmark ``cases`` (names or Case objects; default: all of CASES) on the current CUDA device: ours, ours
-    with sharing off, SDPA and every FlashInfer path on the same inputs.
+    with sharing off, SDPA and every FlashInfer path on the same inputs. ``on_case(rows)``, if given, is called
+    with the rows so far after each case (the command line writes its results files there, so that a run stopped
+    at a time limit keeps the cases it finished).
 
     Returns one dict per (case, method) with ``status``, the timings (us), both floor terms and the floor (the
     larger), ratios, errors and the planner's cost; raises if ours or SDPA is off by more than TOLERANCE (a
@@ -580,6 +582,8 @@ def run_attention_benchmark(cases=None, rep_ms: int = 100, seed: int = 0) -> lis
         case_rows += flashinfer_rows(layer, ref, base, rep_ms, fi, n_copies(unique), reported)
         finish_case(case_rows)
         rows += case_rows
+        if on_case is not None:
+            on_case(rows)
         print(f"{case.name}: " + ", ".join(f"{r['method']} {r['eager_us']:.1f}/{r['graph_us']:.1f} us"
                                             if r["status"] == "ok" else f"{r['method']} {r['status']}"
                                             for r in case_rows)
@@ -668,10 +672,13 @@ def flashinfer_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(rows, host, stem: str, command: str, commit: str, card: str, ceilings) -> None:
+def write_results(rows, host, stem: str, command: str, commit: str, card: str, ceilings,
+                  cases_total: int | None = None) -> None:
     """``stem``.csv (every row, COLUMNS), ``stem``.md (header with the card's ceilings, tables, targets) and
-    ``stem``.png (needs matplotlib)."""
+    ``stem``.png (needs matplotlib). ``cases_total``: the cases the run was asked for; where ``rows`` hold fewer,
+    the header says how many were measured."""
     date = utc_now()
+    measured = len(dict.fromkeys(r["case"] for r in rows))
     write_csv([dict(r, card=card, date=date, commit=commit) for r in rows], stem + ".csv",
               ["card", "date", "commit"] + COLUMNS)
     shown = ["case", "method", "status", "eager_us", "graph_us", "loop_us", "floor_us", "floor_bytes_us",
@@ -681,6 +688,8 @@ def write_results(rows, host, stem: str, command: str, commit: str, card: str, c
              f"- torch {torch.__version__}, triton {__import__('triton').__version__}; Hq={HQ}, Hkv={HKV}, D={D}, "
              f"bf16, one query token per row",
              f"- {ceilings.describe()}",
+             *([f"- cases measured: {measured} of {cases_total} (the run stopped before the others)"]
+               if cases_total is not None and measured < cases_total else []),
              "- floor: the larger of the bytes term (unique K/V + q + out bytes at the bandwidth) and the FLOPs "
              "term (4 * B * Hq * (prefix + suffix) * D at the matmul rate); graph_over_floor: graph time / floor.",
              "- eager: do_bench median (L2 flushed before each call); graph: do_bench_cudagraph median; loop: "
@@ -930,20 +939,22 @@ def main(argv=None) -> int:
         if args.out:
             write_csv(res, args.out + ".csv")
         return 0
-    rows = run_attention_benchmark(cases, rep_ms=args.rep_ms)
     host = layer_call_host_us(torch.Generator(device="cuda").manual_seed(1))
     for k, v in host.items():
         print(f"host us per layer call, {k}: {v:.1f}")
+    save = None
+    if not args.no_write:  # rewritten after every case: a run stopped at a time limit keeps what it measured
+        device = torch.device("cuda", torch.cuda.current_device())
+        card, tag = card_name(device)
+        stem = args.out or os.path.join("benchmarks", "results", f"attention_{tag}")
+        command, commit = "python benchmarks/attention.py " + " ".join(argv), args.commit or git_commit()
+
+        def save(rows):
+            write_results(rows, host, stem, command, commit, card, card_ceilings(device), len(cases or CASES))
+            print(f"wrote {stem}.csv, .md and .png")
+    rows = run_attention_benchmark(cases, rep_ms=args.rep_ms, on_case=save)
     for line in targets(rows, host):
         print(line)
-    if not args.no_write:
-        tag = card_name(torch.device("cuda", torch.cuda.current_device()))[1]
-        stem = args.out or os.path.join("benchmarks", "results", f"attention_{tag}")
-        commit = args.commit or git_commit()
-        device = torch.device("cuda", torch.cuda.current_device())
-        write_results(rows, host, stem, "python benchmarks/attention.py " + " ".join(argv), commit,
-                      card_name(device)[0], card_ceilings(device))
-        print(f"wrote {stem}.csv and {stem}.md")
     return 0
 
 

@@ -17,7 +17,8 @@
 # use, minutes once per machine, so that warm-up starts in the background at once and the attention stage waits for
 # it). Without it the FlashInfer columns say "not installed". OUT (default /tmp/flashforge-gpu) receives the whole
 # log (log.txt), the breakdown/tune/waves results and a copy of every results file the run writes under
-# benchmarks/results. LIMITS: seconds a stage may take before it is stopped (e.g. "tests=240 attention=300"; a
+# benchmarks/results (copied after each stage; the attention and generate benchmarks rewrite theirs after each case
+# or workload, so a stage stopped at its limit keeps what it finished). LIMITS: seconds a stage may take before it is stopped (e.g. "tests=240 attention=300"; a
 # stopped stage counts as failed and the next one runs). COMMIT is recorded in the results where the checkout has
 # no git metadata.
 set -uo pipefail
@@ -85,7 +86,8 @@ for stage in "${stages[@]}"; do
                       --workloads doc-qa-4k tree parallel-sampling few-shot-8b batch-1 profile \
                       --methods flashforge-graph flashforge-compiled "${commit[@]}" ;;
     esac || { status=1; say "$stage failed or was stopped"; }
+    # after every stage, so that a call cut short still returns what the finished stages wrote
+    find benchmarks/results -type f -newer "$start_mark" -exec cp {} "$OUT/" \;
 done
-find benchmarks/results -type f -newer "$start_mark" -exec cp {} "$OUT/" \;
 say "done (results files written by this run are copied to $OUT)"
 exit $status

@@ -104,12 +104,18 @@ def test_without_flashinfer_its_columns_say_not_installed(tmp_path):
     assert ours["graph_over_floor"] == pytest.approx(2.0 / floor["floor"]) and ours["speedup_vs_sdpa_eager"] == 2.0
     stem = str(tmp_path / "attention_test")
     host = {"one suffix split": 12.0}
-    if importlib.util.find_spec("matplotlib") is None:
-        with pytest.raises(ImportError, match="matplotlib"):
-            ba.write_results(rows, host, stem, "test", "abc", "test card", CEILINGS)
-    else:
-        ba.write_results(rows, host, stem, "test", "abc", "test card", CEILINGS)
-        assert (tmp_path / "attention_test.png").stat().st_size > 0
+    def write(cases_total):
+        if importlib.util.find_spec("matplotlib") is None:
+            with pytest.raises(ImportError, match="matplotlib"):
+                ba.write_results(rows, host, stem, "test", "abc", "test card", CEILINGS, cases_total)
+        else:
+            ba.write_results(rows, host, stem, "test", "abc", "test card", CEILINGS, cases_total)
+            assert (tmp_path / "attention_test.png").stat().st_size > 0
+        return (tmp_path / "attention_test.md").read_text()
+
+    # a run stopped after its first of two cases says so; a whole run does not
+    assert "cases measured: 1 of 2 (the run stopped before the others)" in write(2)
+    assert "cases measured" not in write(1)
     with open(stem + ".csv") as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == ["card", "date", "commit"] + ba.COLUMNS

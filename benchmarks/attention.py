@@ -883,7 +883,9 @@ def tune(rep_ms: int = 20, seed: int = 0, parts=TUNE_PARTS, cases=None) -> list[
                     bench("segment-shared", name, f"default, waves={w}", layer, seg_kernel)
     if "layer" in parts:
         whole = lambda layer: ours_calls(layer, 1)[0][0]  # noqa: E731
-        for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2)]:
+        # the default; deeper and shallower pipelines (one 4-stage program fills the shared memory that two 3-stage
+        # ones share, leaving room for three suffix programs); shorter key tiles; 128-query tiles
+        for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)]:
             for w in (1, 2):
                 with patched(plans, MAX_BLOCK_M=bm, WAVES=(w,)), \
                         patched(seg, tile_config=lambda m, d, c=(bn, warps, stages): c):

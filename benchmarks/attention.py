@@ -947,12 +947,12 @@ def main(argv=None) -> int:
     save = None
     if not args.no_write:  # rewritten after every case: a run stopped at a time limit keeps what it measured
         device = torch.device("cuda", torch.cuda.current_device())
-        card, tag = card_name(device)
+        (card, tag), ceilings = card_name(device), card_ceilings(device)
         stem = args.out or os.path.join("benchmarks", "results", f"attention_{tag}")
         command, commit = "python benchmarks/attention.py " + " ".join(argv), args.commit or git_commit()
 
         def save(rows):
-            write_results(rows, host, stem, command, commit, card, card_ceilings(device), len(cases or CASES))
+            write_results(rows, host, stem, command, commit, card, ceilings, len(cases or CASES))
             print(f"wrote {stem}.csv, .md and .png")
     rows = run_attention_benchmark(cases, rep_ms=args.rep_ms, on_case=save)
     for line in targets(rows, host):

@@ -4,8 +4,8 @@ Compiles the segment, suffix and merge kernels for sm_90 (Triton's own ptxas; no
 at decode shapes (bf16, head dim 128, 4 query heads per KV head, one query token per row; every pointer 16-byte
 aligned, as launched) and prints, per tile configuration: registers per thread, stack bytes (register spills),
 shared memory per program, the asynchronous copies in its PTX (none: the key/value loads are not pipelined), and
-how many programs of it one multiprocessor holds at once. The last columns say how many suffix programs fit beside one or two
-segment programs on one multiprocessor: in a captured layer the two kernels run on two streams
+how many programs of it one multiprocessor holds at once. The last columns say how many suffix programs fit beside
+one or two segment programs on one multiprocessor: in a captured layer the two kernels run on two streams
 (flashforge_hf/forest_attention.py), and they overlap only where both fit.
 
     python benchmarks/kernel_resources.py                 # the configurations tile_config picks, and a few more

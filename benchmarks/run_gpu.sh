@@ -18,9 +18,9 @@
 # it). Without it the FlashInfer columns say "not installed". OUT (default /tmp/flashforge-gpu) receives the whole
 # log (log.txt), the breakdown/tune/waves results and a copy of every results file the run writes under
 # benchmarks/results (copied after each stage; the attention and generate benchmarks rewrite theirs after each case
-# or workload, so a stage stopped at its limit keeps what it finished). LIMITS: seconds a stage may take before it is stopped (e.g. "tests=240 attention=300"; a
-# stopped stage counts as failed and the next one runs). COMMIT is recorded in the results where the checkout has
-# no git metadata.
+# or workload, so a stage stopped at its limit keeps what it finished). LIMITS: seconds a stage may take before it
+# is stopped (e.g. "tests=240 attention=300"; a stopped stage counts as failed and the next one runs). COMMIT is
+# recorded in the results where the checkout has no git metadata.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/flashforge-gpu}
